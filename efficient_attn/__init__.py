@@ -1,0 +1,7 @@
+"""efficient_attn: efficient attention mechanisms for JAX/Flax NNX behind one interface."""
+
+from efficient_attn.attention import (Attention, attention_class, available_attentions,
+                                      blocked_attention, dense_attention, make_attention,
+                                      register_attention)
+
+__version__ = '0.1.0'

@@ -1,0 +1,1 @@
+"""Placeholder for the 'longformer' attention; replaced by its implementation."""

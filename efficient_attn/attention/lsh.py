@@ -1,0 +1,1 @@
+"""Placeholder for the 'lsh' attention; replaced by its implementation."""

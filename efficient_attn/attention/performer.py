@@ -1,0 +1,1 @@
+"""Placeholder for the 'performer' attention; replaced by its implementation."""
