@@ -21,6 +21,10 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _REGISTRY: dict[str, type['Attention']] = {}
 
 
+class RandomState(nnx.Variable):
+  """Non-trainable random state of a mechanism (fixed features, rotation keys)."""
+
+
 class Attention(nnx.Module):
   """Base class: subclasses implement `__call__(q, k, v, mask=None, causal=False)`."""
 
