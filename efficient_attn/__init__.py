@@ -5,3 +5,4 @@ from efficient_attn.attention import (Attention, attention_class, available_atte
                                       register_attention)
 
 __version__ = '0.1.0'
+from efficient_attn.layers import MultiHeadAttention

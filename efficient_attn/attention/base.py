@@ -84,6 +84,14 @@ def make_attention(name: str, *, rngs: nnx.Rngs | None = None, **options) -> Att
   return cls(**options, rngs=rngs)
 
 
+def random_stream(rngs: nnx.Rngs) -> nnx.RngStream:
+  """A private fork of the stream for random features: 'attention', else 'default' or 'params'."""
+  for name in ('attention', 'default', 'params'):
+    if name in rngs:
+      return rngs[name].fork()
+  raise ValueError(f'rngs needs an "attention", "default" or "params" stream, got {rngs}')
+
+
 def check_choice(argument: str, value, allowed) -> None:
   """Raises ValueError unless `value` is one of `allowed`."""
   if value not in allowed:

@@ -50,16 +50,21 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def xla_attention(q, k, v, mask=None, causal=False, scale=None, implementation='xla'):
-  """`jax.nn.dot_product_attention`, with fully hidden query rows set to zero."""
+  """`jax.nn.dot_product_attention`, with queries that see no key set to zero."""
   key_mask = None if mask is None else mask[:, None, None, :]
   out = jax.nn.dot_product_attention(
       q, k, v, mask=key_mask, is_causal=causal, scale=scale,
       implementation=implementation)
-  if mask is not None:
-    # A query whose keys are all padding gets zeros (jax would average v).
-    any_key = mask.any(-1)[:, None, None, None]
-    out = jnp.where(any_key, out, jnp.zeros_like(out))
-  return out
+  if mask is None:
+    return out
+  # jax averages v over hidden keys when a query sees none; the contract is zeros.
+  if causal:
+    # Query i sees a real key iff one of keys 0..i is real.
+    seen = jnp.cumsum(mask, axis=-1) > 0
+    query_sees_key = seen[:, jnp.minimum(jnp.arange(q.shape[1]), k.shape[1] - 1)]
+  else:
+    query_sees_key = jnp.broadcast_to(mask.any(-1, keepdims=True), (q.shape[0], q.shape[1]))
+  return jnp.where(query_sees_key[:, :, None, None], out, jnp.zeros_like(out))
 
 
 def cudnn_applies(q, k, v, mask, causal) -> bool:
