@@ -58,36 +58,29 @@ def _query_block_range(j, q_block: int, kv_block: int, num_q: int, causal: bool)
 
 
 def _forward(q, k, v, key_bias, causal, q_block, kv_block):
-  """Blocked forward on padded, pre-scaled inputs; returns (out, lse) in block layout."""
-  qb = _to_blocks(q, q_block)          # [nq, b, h, bq, d]
-  kb = _to_blocks(k, kv_block)         # [nk, b, h, bk, d]
-  vb = _to_blocks(v, kv_block)
-  biasb = key_bias.reshape(key_bias.shape[0], -1, kv_block).transpose(1, 0, 2)[:, :, None, None, :]
-  num_q, num_kv = qb.shape[0], kb.shape[0]
-  b, h = q.shape[0], q.shape[2]
-  dv = v.shape[-1]
+  """Blocked forward for one head: q `[nq, bq, d]`, k/v `[nk, bk, d]`, key_bias `[nk, bk]`.
+
+  Returns the output `[nq, bq, dv]` and the log-sum-exp `[nq, bq]` of each query.
+  """
+  num_q, num_kv = q.shape[0], k.shape[0]
 
   def one_query_block(args):
     i, qi = args
 
     def step(j, carry, causal_block):
       m, l, acc = carry
-      s = jnp.einsum('bhqd,bhkd->bhqk', qi, kb[j], preferred_element_type=jnp.float32)
-      s = s + biasb[j]
+      s = jnp.dot(qi, k[j].T, preferred_element_type=jnp.float32) + key_bias[j]
       if causal_block:
         s = s + _causal_bias(i, j, q_block, kv_block)
       m_new = jnp.maximum(m, s.max(-1))
-      p = jnp.exp(s - m_new[..., None])
+      p = jnp.exp(s - m_new[:, None])
       correction = jnp.exp(m - m_new)
       l = l * correction + p.sum(-1)
-      pv = jnp.einsum('bhqk,bhkd->bhqd', p.astype(vb.dtype), vb[j],
-                      preferred_element_type=jnp.float32)
-      acc = acc * correction[..., None] + pv
-      return m_new, l, acc
+      pv = jnp.dot(p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+      return m_new, l, acc * correction[:, None] + pv
 
-    init = (jnp.full((b, h, q_block), -jnp.inf, jnp.float32),
-            jnp.zeros((b, h, q_block), jnp.float32),
-            jnp.zeros((b, h, q_block, dv), jnp.float32))
+    init = (jnp.full((q_block,), -jnp.inf, jnp.float32), jnp.zeros((q_block,), jnp.float32),
+            jnp.zeros((q_block, v.shape[-1]), jnp.float32))
     full_end, end = _key_block_range(i, q_block, kv_block, num_kv, causal)
     carry = jax.lax.fori_loop(0, full_end, functools.partial(step, causal_block=False), init)
     if causal:
@@ -96,76 +89,68 @@ def _forward(q, k, v, key_bias, causal, q_block, kv_block):
     # Rows whose every key is hidden have m at the mask value: output 0, lse +inf
     # so that the backward pass recomputes probabilities of exactly 0.
     visible = m > base.MASK_VALUE / 2
-    out = jnp.where(visible[..., None], acc / jnp.where(visible, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(visible, m + jnp.log(jnp.where(visible, l, 1.0)), jnp.inf)
+    l = jnp.where(visible, l, 1.0)
+    out = jnp.where(visible[:, None], acc / l[:, None], 0.0)
+    lse = jnp.where(visible, m + jnp.log(l), jnp.inf)
     return out.astype(q.dtype), lse
 
-  return jax.lax.map(one_query_block, (jnp.arange(num_q), qb))
+  return jax.lax.map(one_query_block, (jnp.arange(num_q), q))
 
 
-def _backward(q, k, v, key_bias, out_b, lse_b, dout, causal, q_block, kv_block):
-  """Gradients of the blocked attention on padded, pre-scaled inputs (block layout in/out)."""
-  qb = _to_blocks(q, q_block)
-  kb = _to_blocks(k, kv_block)
-  vb = _to_blocks(v, kv_block)
-  dob = _to_blocks(dout, q_block)
-  biasb = key_bias.reshape(key_bias.shape[0], -1, kv_block).transpose(1, 0, 2)[:, :, None, None, :]
+def _backward(q, k, v, key_bias, out, lse, dout, causal, q_block, kv_block):
+  """Gradients for one head, in the block layout of `_forward`."""
   # D_i = rowsum(dO_i * O_i) (Dao 2023, Algorithm 2, line 4).
-  delta_b = jnp.einsum('nbhqd,nbhqd->nbhq', dob.astype(jnp.float32), out_b.astype(jnp.float32))
-  num_q, num_kv = qb.shape[0], kb.shape[0]
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  num_q, num_kv = q.shape[0], k.shape[0]
 
-  def one_key_block(j, dq):
-    kj, vj = kb[j], vb[j]
+  def one_key_block(dq, j):
+    kj, vj = k[j], v[j]
 
     def step(i, carry, causal_block):
       dq, dk, dv = carry
-      s = jnp.einsum('bhqd,bhkd->bhqk', qb[i], kj, preferred_element_type=jnp.float32)
-      s = s + biasb[j]
+      s = jnp.dot(q[i], kj.T, preferred_element_type=jnp.float32) + key_bias[j]
       if causal_block:
         s = s + _causal_bias(i, j, q_block, kv_block)
-      p = jnp.exp(s - lse_b[i][..., None])
-      dv = dv + jnp.einsum('bhqk,bhqd->bhkd', p.astype(dob.dtype), dob[i],
-                           preferred_element_type=jnp.float32)
-      dp = jnp.einsum('bhqd,bhkd->bhqk', dob[i], vj, preferred_element_type=jnp.float32)
-      ds = (p * (dp - delta_b[i][..., None])).astype(q.dtype)
-      dq = dq.at[i].add(jnp.einsum('bhqk,bhkd->bhqd', ds, kj,
-                                   preferred_element_type=jnp.float32))
-      dk = dk + jnp.einsum('bhqk,bhqd->bhkd', ds, qb[i], preferred_element_type=jnp.float32)
+      p = jnp.exp(s - lse[i][:, None])
+      dv = dv + jnp.dot(p.astype(dout.dtype).T, dout[i], preferred_element_type=jnp.float32)
+      dp = jnp.dot(dout[i], vj.T, preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta[i][:, None])).astype(q.dtype)
+      dq = dq.at[i].add(jnp.dot(ds, kj, preferred_element_type=jnp.float32))
+      dk = dk + jnp.dot(ds.T, q[i], preferred_element_type=jnp.float32)
       return dq, dk, dv
 
-    init = (dq, jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32))
+    carry = (dq, jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32))
     start, full_start = _query_block_range(j, q_block, kv_block, num_q, causal)
-    carry = init
     if causal:
       carry = jax.lax.fori_loop(start, full_start, functools.partial(step, causal_block=True), carry)
-    carry = jax.lax.fori_loop(full_start, num_q, functools.partial(step, causal_block=False), carry)
-    return carry
-
-  def scan_body(dq, j):
-    dq, dk, dv = one_key_block(j, dq)
+    dq, dk, dv = jax.lax.fori_loop(full_start, num_q, functools.partial(step, causal_block=False), carry)
     return dq, (dk, dv)
 
-  dq0 = jnp.zeros(qb.shape, jnp.float32)
-  dq, (dk, dv) = jax.lax.scan(scan_body, dq0, jnp.arange(num_kv))
+  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(num_kv))
   return dq, dk, dv
+
+
+def _per_head(fn, *args):
+  """Maps `fn` over the leading (batch * heads) axis, one head at a time."""
+  return jax.lax.map(lambda a: fn(*a), args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _blocked_core(q, k, v, key_bias, causal, q_block, kv_block):
-  out_b, _ = _forward(q, k, v, key_bias, causal, q_block, kv_block)
-  return _from_blocks(out_b)
+  return _blocked_core_fwd(q, k, v, key_bias, causal, q_block, kv_block)[0]
 
 
 def _blocked_core_fwd(q, k, v, key_bias, causal, q_block, kv_block):
-  out_b, lse_b = _forward(q, k, v, key_bias, causal, q_block, kv_block)
-  return _from_blocks(out_b), (q, k, v, key_bias, out_b, lse_b)
+  forward = functools.partial(_forward, causal=causal, q_block=q_block, kv_block=kv_block)
+  out, lse = _per_head(forward, q, k, v, key_bias)
+  return out, (q, k, v, key_bias, out, lse)
 
 
 def _blocked_core_bwd(causal, q_block, kv_block, residuals, dout):
-  q, k, v, key_bias, out_b, lse_b = residuals
-  dq, dk, dv = _backward(q, k, v, key_bias, out_b, lse_b, dout, causal, q_block, kv_block)
-  return (_from_blocks(dq).astype(q.dtype), _from_blocks(dk).astype(k.dtype),
-          _from_blocks(dv).astype(v.dtype), jnp.zeros_like(key_bias))
+  q, k, v, key_bias, out, lse = residuals
+  backward = functools.partial(_backward, causal=causal, q_block=q_block, kv_block=kv_block)
+  dq, dk, dv = _per_head(backward, q, k, v, key_bias, out, lse, dout)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(key_bias)
 
 
 _blocked_core.defvjp(_blocked_core_fwd, _blocked_core_bwd)
@@ -196,10 +181,18 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   scale = base.default_scale(head_dim) if scale is None else scale
   q_block = min(q_block, _round_up(q_len, 8))
   kv_block = min(kv_block, _round_up(kv_len, 8))
+  num_heads = q.shape[2]
+
+  def head_blocks(x, block):
+    """`[batch, len, heads, dim]` -> `[batch * heads, len // block, block, dim]`, padded."""
+    x = base.pad_axis(x, 1, block).transpose(0, 2, 1, 3)
+    return x.reshape(batch * num_heads, -1, block, x.shape[-1])
+
   key_bias = jnp.where(base.key_mask_or_ones(mask, batch, kv_len), 0.0, base.MASK_VALUE)
   key_bias = base.pad_axis(key_bias.astype(jnp.float32), 1, kv_block, base.MASK_VALUE)
-  q = base.pad_axis(q * jnp.asarray(scale, q.dtype), 1, q_block)
-  k = base.pad_axis(k, 1, kv_block)
-  v = base.pad_axis(v, 1, kv_block)
-  out = _blocked_core(q, k, v, key_bias, causal, q_block, kv_block)
+  key_bias = jnp.repeat(key_bias.reshape(batch, 1, -1, kv_block), num_heads, axis=1)
+  out = _blocked_core(head_blocks(q * jnp.asarray(scale, q.dtype), q_block),
+                      head_blocks(k, kv_block), head_blocks(v, kv_block),
+                      key_bias.reshape(batch * num_heads, -1, kv_block), causal, q_block, kv_block)
+  out = out.reshape(batch, num_heads, -1, out.shape[-1]).transpose(0, 2, 1, 3)
   return out[:, :q_len]
