@@ -65,11 +65,11 @@ def test_matches_dense_float32(backend, q_len, kv_len, masked, causal):
     assert relative_error(g, w) < 1e-5, name
 
 
-def test_default_blocks_match_dense():
+def test_default_backend_and_blocks_match_dense():
+  # On CPU the default backend ('auto') is the blocked kernel with its default blocks.
   q, k, v = random_qkv(5, 1, 1100, 1100)
   want = dense_attention(q, k, v, causal=True)
-  assert relative_error(ea.make_attention('full', backend='blocked')(q, k, v, causal=True),
-                        want) < 1e-5
+  assert relative_error(ea.make_attention('full')(q, k, v, causal=True), want) < 1e-5
 
 
 @pytest.mark.parametrize('backend', ['blocked', 'xla'])

@@ -1,0 +1,153 @@
+"""How close each efficient mechanism gets to exact attention, as a function of its budget.
+
+Usage:
+  python experiments/approximation.py
+
+Queries, keys and values come from a random-init attention layer applied to real
+text (byte embeddings of Python standard-library source plus sinusoidal
+positions), and, for contrast, from white noise. For each mechanism and budget
+the error is ||Y - Y_exact|| / ||Y_exact|| (Frobenius, averaged over seeds),
+with Y_exact from exact attention on the same q, k, v. The budget axis is the
+number of keys (or features) each query pays for: Performer `num_features`,
+Linformer `k`, Longformer 2 * window + 1, LSH n_hashes * 3 * chunk_len (own,
+previous and next chunk). Writes experiments/results/approximation.{md,json,png}.
+"""
+
+import argparse
+import json
+import os
+import sysconfig
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import efficient_attn as ea
+
+HEADS, HEAD_DIM, MODEL_DIM = 8, 64, 512
+
+# (mechanism, options for each budget, budget of each).
+SWEEPS = {
+    'performer': [({'num_features': m}, m) for m in (16, 32, 64, 128, 256, 512, 1024)],
+    'linformer': [({'k': k}, k) for k in (16, 32, 64, 128, 256, 512, 1024)],
+    'longformer': [({'window': w}, 2 * w + 1) for w in (8, 16, 32, 64, 128, 256, 512)],
+    'lsh': [({'chunk_len': c, 'n_hashes': h, 'shared_qk': False}, 3 * c * h)
+            for c, h in ((16, 1), (16, 2), (32, 2), (64, 2), (64, 4), (128, 4), (256, 4))],
+}
+
+
+def text_bytes(length: int, seed: int) -> np.ndarray:
+  """`length` consecutive bytes of a standard-library source file chosen by `seed`."""
+  lib = sysconfig.get_paths()['stdlib']
+  names = sorted(n for n in os.listdir(lib) if n.endswith('.py'))
+  rng = np.random.default_rng(seed)
+  while True:
+    with open(os.path.join(lib, names[rng.integers(len(names))]), 'rb') as f:
+      data = f.read()
+    if len(data) > length:
+      start = rng.integers(len(data) - length)
+      return np.frombuffer(data[start:start + length], np.uint8)
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+  """The sine/cosine position encodings of Vaswani et al. 2017."""
+  position = np.arange(length)[:, None]
+  frequency = np.exp(-np.log(10000.0) * np.arange(0, dim, 2) / dim)
+  angles = position * frequency
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+
+def text_qkv(length: int, seed: int):
+  """q, k, v from a random-init attention layer on real text."""
+  rngs = nnx.Rngs(seed)
+  embed = nnx.Embed(256, MODEL_DIM, rngs=rngs)
+  mha = ea.MultiHeadAttention(num_heads=HEADS, in_features=MODEL_DIM, rngs=rngs)
+  tokens = jnp.asarray(text_bytes(length, seed))[None]
+  x = embed(tokens) + sinusoidal_positions(length, MODEL_DIM)[None]
+  # Scaled so that logits spread like those of a trained layer (std about 2).
+  return 2.0 * mha.query(x), 2.0 * mha.key(x), mha.value(x)
+
+
+def noise_qkv(length: int, seed: int):
+  """q, k, v of independent standard normals."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(key, (1, length, HEADS, HEAD_DIM)) for key in keys)
+
+
+def relative_error(y, y_exact) -> float:
+  return float(jnp.linalg.norm(y - y_exact) / jnp.linalg.norm(y_exact))
+
+
+def run(length: int, seeds: int) -> list[dict]:
+  """Error of every (mechanism, budget, input kind), averaged over seeds."""
+  exact = ea.make_attention('full', backend='blocked')
+  rows = []
+  for kind, make_qkv in (('text', text_qkv), ('noise', noise_qkv)):
+    inputs = [make_qkv(length, seed) for seed in range(seeds)]
+    references = [exact(q, k, v) for q, k, v in inputs]
+    for name, sweep in SWEEPS.items():
+      for options, budget in sweep:
+        if name == 'linformer':
+          options = {**options, 'max_len': length}
+        errors = []
+        for seed, ((q, k, v), y_exact) in enumerate(zip(inputs, references)):
+          attn = ea.make_attention(name, rngs=nnx.Rngs(seed), **options)
+          errors.append(relative_error(attn(q, k, v), y_exact))
+        rows.append({'input': kind, 'attention': name, 'options': options, 'budget': budget,
+                     'error': float(np.mean(errors)), 'error_std': float(np.std(errors))})
+        print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def write_results(rows: list[dict], length: int, seeds: int, out_stem: str) -> None:
+  """Writes the rows as json, a markdown table and a plot of error against budget."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  with open(out_stem + '.json', 'w') as f:
+    json.dump({'length': length, 'seeds': seeds, 'rows': rows}, f, indent=1)
+  lines = ['# Approximation error against exact attention', '',
+           f'Command: `python experiments/approximation.py --length {length} --seeds {seeds}`', '',
+           f'Length {length}, {HEADS} heads, head_dim {HEAD_DIM}, batch 1, mean over {seeds} '
+           'seeds of ||Y - Y_exact|| / ||Y_exact||. "text": q, k, v from a random-init '
+           'attention layer on Python source bytes; "noise": standard normal q, k, v. '
+           'Linformer projections are at their initialisation (untrained).', '',
+           '| input | attention | options | budget | error |', '|---|---|---|---|---|']
+  for row in rows:
+    options = ', '.join(f'{k}={v}' for k, v in row['options'].items())
+    lines.append(f'| {row["input"]} | {row["attention"]} | {options} | {row["budget"]} | '
+                 f'{row["error"]:.4f} ± {row["error_std"]:.4f} |')
+  with open(out_stem + '.md', 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for axis, kind in zip(axes, ('text', 'noise')):
+    for name in SWEEPS:
+      points = [(r['budget'], r['error']) for r in rows
+                if r['input'] == kind and r['attention'] == name]
+      axis.plot(*zip(*points), marker='o', label=name)
+    axis.set_xscale('log', base=2)
+    axis.set_yscale('log')
+    axis.set_xlabel('budget (keys or features per query)')
+    axis.set_title(f'{kind} inputs, length {length}')
+    axis.grid(True, which='both', alpha=0.3)
+  axes[0].set_ylabel('relative error vs exact attention')
+  axes[0].legend()
+  figure.tight_layout()
+  figure.savefig(out_stem + '.png', dpi=120)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--length', type=int, default=2048)
+  parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--out', default='experiments/results/approximation')
+  args = parser.parse_args()
+  rows = run(args.length, args.seeds)
+  write_results(rows, args.length, args.seeds, args.out)
+
+
+if __name__ == '__main__':
+  main()
