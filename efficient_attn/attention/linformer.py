@@ -68,8 +68,12 @@ def project_length(x: jax.Array, projection: jax.Array) -> jax.Array:
   Returns:
     `projection @ x` along the length axis, `[batch, proj_len, heads, dim]`, float32.
   """
+  b, n, h, d = x.shape
   if projection.ndim == 2:
-    return jnp.einsum('pn,bnhd->bphd', projection, x, preferred_element_type=jnp.float32)
+    # Heads and features as one axis: a single matrix product per batch row.
+    out = jnp.einsum('pn,bnc->bpc', projection, x.reshape(b, n, h * d),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, -1, h, d)
   # Heads first, so that each head's product is one plain matrix product.
   return jnp.einsum('hpn,bhnd->bphd', projection, x.transpose(0, 2, 1, 3),
                     preferred_element_type=jnp.float32)
