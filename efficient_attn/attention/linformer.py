@@ -3,15 +3,15 @@
 Each head computes softmax(q (E k)^T / sqrt(d)) (F v) (Wang et al. 2020, Eq. 7),
 where E and F are learned `[proj_len, max_len]` matrices mapping the `kv_len` key
 positions to `proj_len` projected positions, so time and memory are
-O(q_len * proj_len) instead of O(q_len * kv_len).
+O((q_len + kv_len) * proj_len) instead of O(q_len * kv_len).
 
 Conventions of this implementation:
 - Shorter inputs use the first `kv_len` columns of E and F (as the paper's
   fairseq code does), so `kv_len` may be anything up to `max_len`.
 - Padding keys and values are zeroed before the projection, so they contribute
   nothing to E k or F v. A projected position that no real key reaches (its
-  column weights on all real keys are zero in both E and F) is made only of
-  padding and is hidden like a padding key. For a dense E this hides nothing
+  rows of E and F are zero at every real key) is made only of padding and is
+  hidden like a padding key. For a dense E this hides nothing
   unless every key is padding; with E = F = identity it hides exactly the
   padding keys, so that limit equals exact masked attention.
 - The attention over the projected positions is exact softmax attention,
