@@ -1,1 +1,447 @@
-"""Placeholder for the 'lsh' attention; replaced by its implementation."""
+"""LSH attention (Kitaev et al. 2020, "Reformer: The Efficient Transformer").
+
+Each hash round puts every token into a bucket by angular LSH (Section 2,
+"Locality sensitive hashing"), sorts the tokens by (bucket, position), cuts the
+sorted sequence into chunks and lets each chunk of queries attend to its own
+chunk of keys, the chunk before it and, without causality, the chunk after it
+(Section 2, "LSH attention"; Figure 2). Rounds are combined with weights
+softmax over their log-sum-exps (Section 2, "Multi-round LSH attention"), as
+trax's `LSHSelfAttention` does. Choices, following trax's `LSHSelfAttention`:
+- keys in the attended chunks are not masked by bucket equality;
+- a query-key pair found by several rounds is counted once per round
+  (duplicates are not removed);
+- padding keys get an extra bucket of their own, so they sort to the end and
+  never change where real tokens land.
+Where this differs from trax: logits are scaled by 1/sqrt(head_dim) also with
+shared query-keys (trax's unit keys make it q . k / |k| with no scale), and
+chunks of equal length are used when the length is not a multiple of
+`chunk_len` (ceil(length / chunk_len) chunks of at most `chunk_len` tokens).
+
+Memory is O(length * chunk_len * n_hashes) in the forward and backward pass;
+permutations are gathers whose gradients are gathers by the inverse permutation.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attn.attention import base
+
+# Logit given to a token's own key with shared query-keys: below any real logit,
+# above hidden keys, so a token attends to itself only when it sees no other key
+# (Section 2, "Causal masking for shared-QK attention").
+SELF_VALUE = 0.5 * base.MASK_VALUE
+# Rows whose maximum logit is at or below this saw no key at all.
+_NO_KEY_THRESHOLD = 0.75 * base.MASK_VALUE
+# Query rows per step of the chunk loop: keeps each step's logits in cache.
+_GROUP_ROWS = 1024
+
+
+def num_chunks(q_len: int, kv_len: int, chunk_len: int) -> int:
+  """Number of chunks the sorted queries and keys are cut into."""
+  return max(-(-q_len // chunk_len), -(-kv_len // chunk_len))
+
+
+def default_n_buckets(length: int, chunk_len: int) -> int:
+  """The default number of buckets: two per chunk, 2 * ceil(length / chunk_len).
+
+  Buckets then hold chunk_len / 2 tokens on average, as in the paper and trax.
+  """
+  return 2 * num_chunks(length, length, chunk_len)
+
+
+def draw_rotations(key: jax.Array, heads: int, n_hashes: int, head_dim: int,
+                   n_buckets: int) -> jax.Array:
+  """Gaussian random rotations `[heads, n_hashes, head_dim, n_buckets // 2]` (float32)."""
+  return jax.random.normal(key, (heads, n_hashes, head_dim, n_buckets // 2), jnp.float32)
+
+
+def hash_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
+  """Angular LSH buckets `[batch, heads, n_hashes, length]` of x `[batch, heads, length, dim]`.
+
+  bucket = argmax([xR; -xR]) (Section 2, after Andoni et al. 2015); with
+  `rotations.shape[-1] == 0` every token is in bucket 0 (a single bucket).
+  """
+  batch, heads, length, dim = x.shape
+  _, n_hashes, _, half = rotations.shape
+  if half == 0:
+    return jnp.zeros((batch, heads, n_hashes, length), jnp.int32)
+  rotations = rotations.transpose(0, 2, 1, 3).reshape(heads, dim, n_hashes * half)
+  rotated = jnp.einsum('bhnd,hdk->bhnk', x.astype(jnp.float32), rotations)
+  rotated = rotated.reshape(batch, heads, length, n_hashes, half)
+  # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster than
+  # argmax; ties go to the first index, as in argmax.
+  high, high_index = jax.lax.top_k(rotated, 1)
+  low, low_index = jax.lax.top_k(-rotated, 1)
+  buckets = jnp.where(high >= low, high_index, half + low_index)[..., 0]
+  return buckets.transpose(0, 1, 3, 2)
+
+
+def sort_by_bucket(buckets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Stable sort of each round by bucket, i.e. by (bucket, position).
+
+  Args:
+    buckets: int `[..., length]`.
+
+  Returns:
+    (order, inverse, sorted_buckets): `order[i]` is the position of the i-th
+    sorted token, `inverse` undoes the sort, `sorted_buckets = buckets[order]`.
+  """
+  positions = jax.lax.broadcasted_iota(jnp.int32, buckets.shape, buckets.ndim - 1)
+  sorted_buckets, order = jax.lax.sort((buckets, positions), dimension=-1,
+                                       is_stable=True, num_keys=1)
+  _, inverse = jax.lax.sort((order, positions), dimension=-1, num_keys=1)
+  return order, inverse, sorted_buckets
+
+
+def _take_rows_impl(x, order):
+  """`x[b, r, order[b, r, i]]` for x `[B, R, n, d]` (R = 1 or rounds), order `[B, rounds, m]`."""
+  batch, rounds, m = order.shape
+  n, dim = x.shape[2], x.shape[3]
+  first_row = jnp.arange(batch, dtype=jnp.int32)[:, None, None] * (x.shape[1] * n)
+  if x.shape[1] != 1:
+    first_row = first_row + jnp.arange(rounds, dtype=jnp.int32)[None, :, None] * n
+  rows = jnp.take(x.reshape(-1, dim), (first_row + order).reshape(-1), axis=0, mode='clip')
+  return rows.reshape(batch, rounds, m, dim)
+
+
+@jax.custom_vjp
+def _take_rows(x, order, inverse):
+  """Permutes rows of x by `order` (see `_take_rows_impl`); `inverse` undoes `order`.
+
+  Autodiff of a gather scatters; a permutation's gradient is the gather by the
+  inverse permutation, which is much cheaper on CPU.
+  """
+  return _take_rows_impl(x, order)
+
+
+def _take_rows_fwd(x, order, inverse):
+  return _take_rows_impl(x, order), (inverse, x.shape[1])
+
+
+def _take_rows_bwd(residuals, dy):
+  inverse, x_rounds = residuals
+  dx = _take_rows_impl(dy, inverse)
+  if x_rounds == 1:
+    dx = dx.sum(axis=1, keepdims=True, dtype=jnp.float32).astype(dy.dtype)
+  return dx, None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _chunk_logits(q, k, q_pos, k_pos, k_valid, causal, shared_qk):
+  """Masked logits `[g, q_chunk, window]`, and where they depend on q and k."""
+  logits = jnp.einsum('gqd,gkd->gqk', q, k, preferred_element_type=jnp.float32)
+  visible = k_valid[:, None, :]
+  if causal:
+    visible = visible & (k_pos[:, None, :] <= q_pos[:, :, None])
+  logits = jnp.where(visible, logits, base.MASK_VALUE)
+  if shared_qk:
+    own = visible & (k_pos[:, None, :] == q_pos[:, :, None])
+    logits = jnp.where(own, SELF_VALUE, logits)
+    visible = visible & ~own
+  return logits, visible
+
+
+def _chunk_forward(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk):
+  """Softmax attention of a group of query chunks to their key windows."""
+  logits, _ = _chunk_logits(q, k, q_pos, k_pos, k_valid, causal, shared_qk)
+  row_max = logits.max(axis=-1, keepdims=True)
+  probs = jnp.exp(logits - row_max)
+  normalizer = probs.sum(axis=-1, keepdims=True)
+  out = jnp.einsum('gqk,gkd->gqd', probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  # A row that sees no key returns zeros; its log-sum-exp stays finite, at
+  # about the mask value, so that it gets no weight when rounds are combined.
+  out = jnp.where(row_max > _NO_KEY_THRESHOLD, out / normalizer, 0.0)
+  return out.astype(q.dtype), (row_max + jnp.log(normalizer))[..., 0]
+
+
+def _chunk_backward(q, k, v, q_pos, k_pos, k_valid, out, lse, dout, dlse, causal, shared_qk):
+  """Gradients of `_chunk_forward` w.r.t. q, k, v, recomputing the probabilities."""
+  logits, visible = _chunk_logits(q, k, q_pos, k_pos, k_valid, causal, shared_qk)
+  probs = jnp.exp(logits - lse[..., None])
+  dout = jnp.where((lse > _NO_KEY_THRESHOLD)[..., None], dout, 0).astype(v.dtype)
+  dv = jnp.einsum('gqk,gqd->gkd', probs.astype(v.dtype), dout, preferred_element_type=jnp.float32)
+  dprobs = jnp.einsum('gqd,gkd->gqk', dout, v, preferred_element_type=jnp.float32)
+  # rowsum(dout * out) is the softmax correction (Dao 2023, Algorithm 2,
+  # line 4); d lse / d logits = probs.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  dlogits = jnp.where(visible, probs * (dprobs - delta + dlse[..., None]), 0.0).astype(q.dtype)
+  dq = jnp.einsum('gqk,gkd->gqd', dlogits, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum('gqk,gqd->gkd', dlogits, q, preferred_element_type=jnp.float32)
+  return dq.astype(q.dtype), dk, dv
+
+
+class _Windows:
+  """Key chunks seen by groups of consecutive query chunks, within each ring.
+
+  Query chunk c sees key chunks c - 1 (`before`), c and c + 1 (`after`), wrapping
+  around within its ring (one hash round of one batch row and head). Keys are
+  padded by one chunk on each side that is seen, so a group of `group` query
+  chunks reads one contiguous slice of `group + before + after` key chunks.
+  """
+
+  def __init__(self, rings: int, chunks: int, group: int, causal: bool):
+    self.chunks = chunks
+    self.group = group
+    self.groups_per_ring = chunks // group
+    self.steps = rings * self.groups_per_ring
+    self.before = int(chunks > 1)
+    self.after = int(not causal and chunks > 2)
+    self.width = self.before + 1 + self.after
+
+  def pad(self, x):
+    """`[rings, chunks, chunk, ...]` with its wrapped neighbour chunks added."""
+    parts = [x[:, -1:]] * self.before + [x] + [x[:, :1]] * self.after
+    return jnp.concatenate(parts, axis=1)
+
+  def read(self, padded, step):
+    """Key windows `[group, width * chunk, ...]` of the query chunks of `step`."""
+    ring = step // self.groups_per_ring
+    first = (step % self.groups_per_ring) * self.group
+    span = self.group + self.width - 1
+    block = jax.lax.dynamic_slice_in_dim(padded[ring], first, span, axis=0)
+    return jnp.concatenate([block[w:w + self.group] for w in range(self.width)], axis=1)
+
+  def fold(self, window_grad):
+    """Per-step window gradient `[group, width * chunk, d]` -> `[span, chunk, d]` by key chunk."""
+    grad = window_grad.reshape((self.group, self.width, -1) + window_grad.shape[2:])
+    span = self.group + self.width - 1
+    return sum(jnp.pad(grad[:, w], [(w, span - self.group - w)] + [(0, 0)] * (grad.ndim - 2))
+               for w in range(self.width))
+
+  def gather_folded(self, folded):
+    """Stacked `fold` outputs `[steps, span, chunk, d]` -> gradient `[rings, chunks, chunk, d]`."""
+    folded = folded.reshape((-1, self.groups_per_ring) + folded.shape[1:])
+    grad = folded[:, :, self.before:self.before + self.group]
+    if self.before:
+      # Slot 0 of a step holds the chunk before its group: the previous group's last.
+      grad = grad.at[:, :, -1].add(jnp.roll(folded[:, :, 0], -1, axis=1))
+    if self.after:
+      # The last slot holds the chunk after the group: the next group's first.
+      grad = grad.at[:, :, 0].add(jnp.roll(folded[:, :, -1], 1, axis=1))
+    return grad.reshape((-1, self.chunks) + grad.shape[3:])
+
+
+def _in_steps(x, windows):
+  """`[rings, chunks, ...]` -> `[steps, group, ...]`."""
+  return x.reshape((windows.steps, windows.group) + x.shape[2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked_attention(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk, group):
+  """Attention of each query chunk to its window of key chunks, `group` chunks per step.
+
+  Args:
+    q: `[rings, chunks, q_chunk, d]` sorted, pre-scaled queries.
+    k: `[rings, chunks, kv_chunk, d]` sorted keys.
+    v: `[rings, chunks, kv_chunk, dv]` sorted values.
+    q_pos: int `[rings, chunks, q_chunk]` original positions of the queries.
+    k_pos: int `[rings, chunks, kv_chunk]` original positions of the keys.
+    k_valid: bool `[rings, chunks, kv_chunk]`, False for padding keys.
+    causal, shared_qk: see `lsh_attention`.
+    group: query chunks per loop step (divides chunks).
+
+  Returns:
+    (out `[rings, chunks, q_chunk, dv]`, lse float32 `[rings, chunks, q_chunk]`).
+  """
+  out, lse = _chunked_attention_fwd(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk, group)[0]
+  return out, lse
+
+
+def _chunked_attention_fwd(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk, group):
+  windows = _Windows(q.shape[0], q.shape[1], group, causal)
+  keys = tuple(windows.pad(x) for x in (k, v, k_pos, k_valid))
+
+  def step(inputs):
+    q_group, q_pos_group, index = inputs
+    k_win, v_win, k_pos_win, k_valid_win = (windows.read(x, index) for x in keys)
+    return _chunk_forward(q_group, k_win, v_win, q_pos_group, k_pos_win, k_valid_win,
+                          causal, shared_qk)
+
+  out, lse = jax.lax.map(step, (_in_steps(q, windows), _in_steps(q_pos, windows),
+                                jnp.arange(windows.steps)))
+  out = out.reshape(q.shape[:3] + v.shape[3:])
+  lse = lse.reshape(q.shape[:3])
+  return (out, lse), (q, q_pos, keys, out, lse)
+
+
+def _chunked_attention_bwd(causal, shared_qk, group, residuals, cotangents):
+  q, q_pos, keys, out, lse = residuals
+  dout, dlse = cotangents
+  windows = _Windows(q.shape[0], q.shape[1], group, causal)
+
+  def step(inputs):
+    q_group, q_pos_group, out_group, lse_group, dout_group, dlse_group, index = inputs
+    k_win, v_win, k_pos_win, k_valid_win = (windows.read(x, index) for x in keys)
+    dq, dk, dv = _chunk_backward(q_group, k_win, v_win, q_pos_group, k_pos_win, k_valid_win,
+                                 out_group, lse_group, dout_group, dlse_group, causal, shared_qk)
+    return dq, windows.fold(dk), windows.fold(dv)
+
+  inputs = tuple(_in_steps(x, windows) for x in (q, q_pos, out, lse, dout, dlse))
+  dq, dk, dv = jax.lax.map(step, inputs + (jnp.arange(windows.steps),))
+  k_padded, v_padded = keys[0], keys[1]
+  dk = windows.gather_folded(dk).astype(k_padded.dtype)
+  dv = windows.gather_folded(dv).astype(v_padded.dtype)
+  return dq.reshape(q.shape), dk, dv, None, None, None
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+
+
+def _group_size(chunks: int, chunk: int) -> int:
+  """Chunks per loop step: the largest divisor of `chunks` with at most _GROUP_ROWS rows."""
+  group = max(1, min(chunks, _GROUP_ROWS // chunk))
+  while chunks % group:
+    group -= 1
+  return group
+
+
+def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array,
+                  mask: jax.Array | None = None, causal: bool = False,
+                  chunk_len: int = 128, shared_qk: bool = True,
+                  scale: float | None = None) -> jax.Array:
+  """LSH attention (Kitaev et al. 2020) with the given random rotations.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`.
+    k: `[batch, kv_len, heads, head_dim]`; ignored when `shared_qk` (the keys
+      are then the unit-normalised queries).
+    v: `[batch, kv_len, heads, value_dim]`.
+    rotations: float32 `[heads, n_hashes, head_dim, n_buckets // 2]`; a last
+      dimension of 0 means one bucket (no hashing). See `draw_rotations`.
+    mask: None or bool `[batch, kv_len]`, True for real keys.
+    causal: query i sees keys j <= i only (needs q_len == kv_len).
+    chunk_len: longest chunk of sorted tokens; the sequence is cut into
+      ceil(length / chunk_len) chunks of equal length (padded internally).
+    shared_qk: keys are the unit-normalised queries and a token attends to
+      itself only when it has no other visible key (needs q_len == kv_len).
+    scale: logit scale, default 1/sqrt(head_dim).
+
+  Returns:
+    `[batch, q_len, heads, value_dim]` in the dtype of q; zeros for queries that
+    see no key in any hash round.
+  """
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  if (shared_qk or causal) and q_len != kv_len:
+    raise ValueError(f'shared_qk and causal LSH attention need q_len == kv_len, '
+                     f'got {q_len} and {kv_len}')
+  if rotations.ndim != 4 or (rotations.shape[0], rotations.shape[2]) != (heads, head_dim):
+    raise ValueError(f'rotations must have shape [heads={heads}, n_hashes, '
+                     f'head_dim={head_dim}, n_buckets // 2], got {rotations.shape}')
+  scale = base.default_scale(head_dim) if scale is None else scale
+  n_hashes = rotations.shape[1]
+  n_buckets = max(1, 2 * rotations.shape[-1])
+  chunks = num_chunks(q_len, kv_len, chunk_len)
+  q_chunk = -(-q_len // chunks)
+  kv_chunk = -(-kv_len // chunks)
+  rings = batch * heads * n_hashes
+
+  def to_rows(x, chunk):
+    """`[batch, len, heads, d]` -> `[batch, heads, padded_len, d]`."""
+    return base.pad_axis(x, 1, chunk).transpose(0, 2, 1, 3)
+
+  def sort_tokens(rows, valid):
+    """Sorts rows by bucket, tokens not `valid` `[batch, len]` (and padding) last.
+
+    Returns (order, inverse, validity in sorted order), `[batch * heads, n_hashes, padded_len]`.
+    """
+    buckets = hash_buckets(rows, rotations)
+    valid = base.pad_axis(valid, 1, rows.shape[2], False)
+    buckets = jnp.where(valid[:, None, None, :], buckets, n_buckets)
+    order, inverse, sorted_buckets = sort_by_bucket(buckets.reshape(batch * heads, n_hashes, -1))
+    return order, inverse, sorted_buckets < n_buckets
+
+  def flat(rows):
+    return rows.reshape((batch * heads, 1) + rows.shape[2:])
+
+  key_valid = base.key_mask_or_ones(mask, batch, kv_len)
+  q_rows = to_rows(q, q_chunk)
+  if shared_qk:
+    # Keys are the queries: one sort for both, padding keys last.
+    q_order, q_inverse, k_valid = sort_tokens(q_rows, key_valid)
+    k_order = q_order
+    q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
+    norm_sq = jnp.sum(jnp.square(q_sorted.astype(jnp.float32)), axis=-1, keepdims=True)
+    k_sorted = (q_sorted * jax.lax.rsqrt(norm_sq + 1e-12)).astype(q.dtype)
+    v_sorted = _take_rows(flat(to_rows(v, kv_chunk)), q_order, q_inverse)
+  else:
+    q_order, q_inverse, _ = sort_tokens(q_rows, jnp.ones((batch, q_len), bool))
+    q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
+    k_rows = to_rows(k, kv_chunk)
+    k_order, k_inverse, k_valid = sort_tokens(k_rows, key_valid)
+    k_sorted = _take_rows(flat(k_rows), k_order, k_inverse)
+    v_sorted = _take_rows(flat(to_rows(v, kv_chunk)), k_order, k_inverse)
+
+  def in_chunks(x):
+    """Sorted `[batch * heads, n_hashes, padded_len, ...]` -> `[rings, chunks, chunk, ...]`."""
+    return x.reshape((rings, chunks, -1) + x.shape[3:])
+
+  q_scaled = q_sorted * jnp.asarray(scale, q.dtype)
+  out, lse = _chunked_attention(
+      in_chunks(q_scaled), in_chunks(k_sorted), in_chunks(v_sorted),
+      in_chunks(q_order), in_chunks(k_order), in_chunks(k_valid),
+      causal, shared_qk, _group_size(chunks, q_chunk))
+  # Back to the original order; round r's sorted row i holds position q_order[i].
+  out = _take_rows(out.reshape(batch * heads, n_hashes, chunks * q_chunk, -1), q_inverse, q_order)
+  lse = _take_rows(lse.reshape(batch * heads, n_hashes, chunks * q_chunk, 1), q_inverse, q_order)
+  # Rounds weighted by their share of the total softmax mass (Section 2,
+  # "Multi-round LSH attention"; trax): a softmax over the per-round lse.
+  weights = jax.nn.softmax(lse[:, :, :q_len], axis=1)
+  out = jnp.sum(out[:, :, :q_len].astype(jnp.float32) * weights, axis=1)
+  out = out.reshape(batch, heads, q_len, -1).transpose(0, 2, 1, 3)
+  return out.astype(q.dtype)
+
+
+@base.register_attention('lsh')
+class LSHAttention(base.Attention):
+  """LSH attention (Reformer); options documented in `lsh_attention`.
+
+  Random rotations: while training (`deterministic` False) fresh rotations are
+  drawn from the module's 'attention' stream (or 'default') on every call; after
+  `.eval()` (`deterministic` True) they are derived on every call from one key
+  drawn at construction and kept as `RandomState`, so evaluation is repeatable.
+  Both are reproducible from the seed of `rngs`. `n_buckets=None` picks
+  `default_n_buckets(length, chunk_len)` per call; `n_buckets=1` means no
+  hashing (one bucket); otherwise n_buckets must be even. With `shared_qk`
+  (default) `k` is ignored and the keys are the unit-normalised queries.
+  """
+
+  def __init__(self, n_hashes: int = 2, n_buckets: int | None = None, chunk_len: int = 128,
+               shared_qk: bool = True, *, rngs: nnx.Rngs):
+    base.check_positive_int('n_hashes', n_hashes)
+    if n_buckets is not None:
+      base.check_positive_int('n_buckets', n_buckets)
+      if n_buckets != 1 and n_buckets % 2:
+        raise ValueError(
+            f'n_buckets must be None, 1 (no hashing) or even, got {n_buckets!r}')
+    base.check_positive_int('chunk_len', chunk_len)
+    base.check_choice('shared_qk', shared_qk, (True, False))
+    self.n_hashes = n_hashes
+    self.n_buckets = n_buckets
+    self.chunk_len = chunk_len
+    self.shared_qk = shared_qk
+    self.deterministic = False
+    self.rngs = rngs['attention'].fork()
+    self.eval_key = base.RandomState(self.rngs())
+
+  def __call__(self, q, k, v, mask=None, causal=False):
+    base.check_inputs(q, k, v, mask)
+    if self.shared_qk and q.shape[1] != k.shape[1]:
+      raise ValueError(
+          f'shared_qk=True hashes and attends the queries to themselves, so it cannot do '
+          f'cross-attention (q_len {q.shape[1]} != kv_len {k.shape[1]}); use shared_qk=False')
+    if causal and q.shape[1] != k.shape[1]:
+      raise ValueError(
+          f'causal=True needs q_len == kv_len, got q_len {q.shape[1]} and kv_len {k.shape[1]}')
+    n_buckets = self.n_buckets
+    if n_buckets is None:
+      n_buckets = default_n_buckets(max(q.shape[1], k.shape[1]), self.chunk_len)
+    key = self.eval_key[...] if self.deterministic else self.rngs()
+    rotations = draw_rotations(key, q.shape[2], self.n_hashes, q.shape[3], n_buckets)
+    return lsh_attention(q, k, v, rotations, mask, causal, self.chunk_len, self.shared_qk)
