@@ -1,0 +1,202 @@
+"""What the task modules share: the Task record, tokenisation, data folders, errors.
+
+Token ids: 0 is padding in every task and never a real symbol. Bytes and 8-bit
+pixels map to `value + 1`, so byte-level and pixel tasks have 257 ids (the scheme
+of the LRA byte encoder, which reserves 0 for padding).
+"""
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+PAD_ID = 0
+BYTE_VOCAB_SIZE = 257
+DEFAULT_DATA_DIRS = ('~/tensorflow_datasets', './data')
+LRA_RELEASE_URL = 'https://storage.googleapis.com/long-range-arena/lra_release.gz'
+LRA_RELEASE_NOTE = (
+    f'the Long Range Arena release archive lra_release.gz ({LRA_RELEASE_URL}, linked from '
+    'https://github.com/google-research/long-range-arena)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A split of a task: a random-access source of examples plus what a model needs to know.
+
+  Attributes:
+    name: task name, e.g. 'listops'.
+    split: 'train', 'valid' or 'test'.
+    source: random-access source (`len`, `[i]`) of example dicts of numpy arrays.
+    vocab_size: number of token ids, padding id 0 included.
+    num_classes: classes of 'targets' (for language modelling: the vocabulary size).
+    seq_len: length every input is padded or cut to.
+    pair: True when examples hold two inputs ('inputs1', 'inputs2'), as Retrieval.
+    metric: 'accuracy' or 'bits_per_byte'.
+    causal_lm: True for next-token prediction, where 'targets' is a sequence.
+  """
+  name: str
+  split: str
+  source: Any
+  vocab_size: int
+  num_classes: int
+  seq_len: int
+  pair: bool = False
+  metric: str = 'accuracy'
+  causal_lm: bool = False
+
+
+class MissingDataError(FileNotFoundError):
+  """Raised when the files of a task are not where they are looked for."""
+
+
+class CorruptDataError(ValueError):
+  """Raised when a data file cannot be read completely; the message names the file."""
+
+
+def check_choice(argument: str, value, allowed: Sequence) -> None:
+  """Raises ValueError naming the allowed values unless `value` is one of them."""
+  if value not in allowed:
+    raise ValueError(
+        f'{argument}={value!r} does not exist; available: {", ".join(map(repr, allowed))}')
+
+
+def data_dirs(data_dir: str | os.PathLike | None) -> list[pathlib.Path]:
+  """The folders searched for data: `data_dir` alone, or the defaults when it is None."""
+  if data_dir is not None:
+    return [pathlib.Path(data_dir).expanduser()]
+  env_dir = os.environ.get('TFDS_DATA_DIR')
+  dirs = [env_dir] if env_dir else []
+  return [pathlib.Path(d).expanduser() for d in (*dirs, *DEFAULT_DATA_DIRS)]
+
+
+def find_data(data_dir, candidates: Sequence[str], *, what: str, expected: str,
+              download: str, hint: str = '') -> pathlib.Path:
+  """The first existing `candidate` path under the data folders.
+
+  Args:
+    data_dir: user data folder, or None for the defaults.
+    candidates: relative paths to try, in order of preference.
+    what: name of the data, for the error message.
+    expected: description of the files expected.
+    download: where users download the data.
+    hint: extra sentence for the error message.
+
+  Returns:
+    The path found.
+
+  Raises:
+    MissingDataError: naming the files expected, where to download them and where
+      to put them.
+  """
+  for root in data_dirs(data_dir):
+    for candidate in candidates:
+      path = root / candidate
+      if path.exists():
+        return path
+  raise missing_data_error(data_dir, candidates, what=what, expected=expected,
+                           download=download, hint=hint)
+
+
+def missing_data_error(data_dir, candidates: Sequence[str], *, what: str, expected: str,
+                       download: str, hint: str = '') -> MissingDataError:
+  """The error for data absent from all data folders; arguments as for `find_data`."""
+  dirs = data_dirs(data_dir)
+  tried = ', '.join(str(root / c) for root in dirs for c in candidates)
+  return MissingDataError(
+      f'{what} not found. Expected {expected}. Download it from {download} and put it in '
+      f'{dirs[0]} (or pass data_dir / --data_dir). Looked for: {tried}. {hint}'.strip())
+
+
+def encode_bytes(text: bytes | str, max_len: int | None = None) -> np.ndarray:
+  """Byte-level token ids (byte b -> b + 1), cut to `max_len` bytes."""
+  if isinstance(text, str):
+    text = text.encode('utf-8')
+  data = np.frombuffer(text[:max_len], dtype=np.uint8)
+  return data.astype(np.int32) + 1
+
+
+def decode_bytes(ids: np.ndarray) -> bytes:
+  """Bytes of byte-level token ids; padding ids are dropped."""
+  ids = np.asarray(ids)
+  return (ids[ids != PAD_ID] - 1).astype(np.uint8).tobytes()
+
+
+def pixels_to_tokens(image: np.ndarray) -> np.ndarray:
+  """Flattens an 8-bit grayscale image to a pixel sequence of ids (value + 1)."""
+  return np.asarray(image, dtype=np.int32).reshape(-1) + 1
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+  """Luma of uint8 RGB images `[..., 3]`, rounded as tf.image.rgb_to_grayscale (LRA Image)."""
+  weights = np.array([0.2989, 0.5870, 0.1140])
+  gray = (rgb.astype(np.float64) / 255.0) @ weights
+  # Float-to-uint8 conversion scales by 255.5 and truncates.
+  return np.clip(gray * 255.5, 0, 255).astype(np.uint8)
+
+
+class MappedSource:
+  """Random-access source applying `fn` to each item of `base` on read."""
+
+  def __init__(self, base, fn: Callable[[Any], dict]):
+    self.base = base
+    self.fn = fn
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.fn(self.base[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    if hasattr(self.base, '__getitems__'):
+      return [self.fn(item) for item in self.base.__getitems__(indices)]
+    return [self.fn(self.base[i]) for i in indices]
+
+  def __repr__(self) -> str:
+    return f'MappedSource({self.base!r}, {getattr(self.fn, "__name__", self.fn)})'
+
+
+class ArraySource:
+  """Random-access source of classification examples held as numpy arrays.
+
+  Inputs are either one `[num, length]` array or a list of 1-D arrays; `targets`
+  is `[num]`.
+  """
+
+  def __init__(self, inputs, targets: np.ndarray):
+    if len(inputs) != len(targets):
+      raise ValueError(f'{len(inputs)} inputs but {len(targets)} targets')
+    self.inputs = inputs
+    self.targets = np.asarray(targets, dtype=np.int32)
+
+  def __len__(self) -> int:
+    return len(self.targets)
+
+  def __getitem__(self, index: int) -> dict:
+    return {'inputs': self.inputs[index], 'targets': self.targets[index]}
+
+  def __repr__(self) -> str:
+    return f'ArraySource({len(self)} examples)'
+
+
+class BytesSource:
+  """Random-access source of byte-level classification examples, tokenised on read."""
+
+  def __init__(self, texts: Sequence[bytes], targets: np.ndarray, max_len: int):
+    if len(texts) != len(targets):
+      raise ValueError(f'{len(texts)} texts but {len(targets)} targets')
+    self.texts = texts
+    self.targets = np.asarray(targets, dtype=np.int32)
+    self.max_len = max_len
+
+  def __len__(self) -> int:
+    return len(self.targets)
+
+  def __getitem__(self, index: int) -> dict:
+    return {'inputs': encode_bytes(self.texts[index], self.max_len),
+            'targets': self.targets[index]}
+
+  def __repr__(self) -> str:
+    return f'BytesSource({len(self)} texts, max_len={self.max_len})'
