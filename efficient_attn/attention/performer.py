@@ -1,1 +1,276 @@
-"""Placeholder for the 'performer' attention; replaced by its implementation."""
+"""Performer attention (Choromanski et al. 2021, FAVOR+): softmax attention by random features.
+
+The softmax kernel exp(q.k / sqrt(d)) is estimated by phi(q).phi(k) with positive
+orthogonal random features, so that attention becomes D^-1 (phi(Q) (phi(K)^T V))
+(Eq. 4 of the paper) at a cost linear in length. The sequence is processed in
+blocks whose features are recomputed in the backward pass, so that no
+`[length, num_features]` array is ever stored (the causal scan keeps one
+`[num_features, head_dim]` prefix sum per chunk).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attn.attention import base
+from efficient_attn.attention.blocked import _from_blocks, _to_blocks
+
+KERNELS = ('softmax', 'relu')
+REDRAW_POLICIES = ('fixed', 'every_call')
+# Added to ReLU features so that every visible key keeps a positive weight.
+RELU_EPS = 1e-3
+# Added to stabilised softmax features (relative to the largest, 1 before the
+# 1/sqrt(m) factor) so that no normaliser of a visible query underflows to 0.
+SOFTMAX_EPS = 1e-6
+
+
+@functools.partial(jax.jit, static_argnames=('num_features', 'dim'))
+def draw_orthogonal_features(key: jax.Array, num_features: int, dim: int) -> jax.Array:
+  """Draws orthogonal random features whose rows are marginally N(0, I_dim).
+
+  Rows come in blocks of `dim` mutually orthogonal unit vectors (QR of Gaussian
+  matrices, signs fixed so that each block is uniform over rotations), each row
+  then rescaled by the norm of an independent Gaussian vector, a chi_dim draw
+  (Section 2.4 of the paper).
+
+  Args:
+    key: a jax random key.
+    num_features: number of rows m.
+    dim: the dimension of queries and keys.
+
+  Returns:
+    float32 `[num_features, dim]`.
+  """
+  num_blocks = -(-num_features // dim)
+  gaussian = jax.random.normal(key, (num_blocks * dim + num_features, dim), jnp.float32)
+  q, r = jnp.linalg.qr(gaussian[:num_blocks * dim].reshape(num_blocks, dim, dim))
+  # Without the signs of diag(r), the QR factor is not uniform over rotations.
+  q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+  directions = jnp.swapaxes(q, -1, -2).reshape(num_blocks * dim, dim)[:num_features]
+  norms = jnp.linalg.norm(gaussian[num_blocks * dim:], axis=-1)
+  return directions * norms[:, None]
+
+
+def softmax_exponent(x: jax.Array, features: jax.Array) -> jax.Array:
+  """w.x - |x|^2/2 for every feature w: the log of phi(x) up to log(m)/2, float32."""
+  projected = jnp.einsum('...d,md->...m', x, features.astype(x.dtype),
+                         preferred_element_type=jnp.float32)
+  sq_norm = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+  return projected - 0.5 * sq_norm
+
+
+def random_features(x: jax.Array, features: jax.Array, kernel: str = 'softmax',
+                    subtract_row_max: bool = False, shift: jax.Array | None = None,
+                    valid: jax.Array | None = None) -> jax.Array:
+  """The feature map phi of queries or keys.
+
+  softmax: phi(x) = exp(w.x - |x|^2/2) / sqrt(m), so that exp(x.y) =
+  E[phi(x).phi(y)] (Lemma 1). relu: phi(x) = relu(w.x) / sqrt(m) + eps, the
+  generalized attention of the paper. The softmax stabilisers scale phi by a
+  constant per row or per slice, which cancels in attention's normalisation;
+  stabilised features get eps / sqrt(m) added (as in the paper's code), so that
+  a query's normaliser cannot underflow to zero.
+
+  Args:
+    x: `[..., dim]`, already scaled (by dim^-1/4 for softmax attention).
+    features: `[m, dim]` random features from `draw_orthogonal_features`.
+    kernel: 'softmax' or 'relu'.
+    subtract_row_max: softmax only; subtract each row's largest exponent
+      (queries).
+    shift: softmax only; None or float32 broadcastable to `[..., m]`, subtracted
+      from the exponent (keys: the largest exponent over all keys).
+    valid: None or bool broadcastable to `[..., m]`; False rows get zero features.
+
+  Returns:
+    `[..., m]` non-negative features in the dtype of `x`.
+  """
+  scale = features.shape[0]**-0.5
+  if kernel == 'relu':
+    projected = jnp.einsum('...d,md->...m', x, features.astype(x.dtype),
+                           preferred_element_type=jnp.float32)
+    phi = jax.nn.relu(projected) * scale + RELU_EPS
+  else:
+    exponent = softmax_exponent(x, features)
+    if subtract_row_max:
+      exponent -= jax.lax.stop_gradient(jnp.max(exponent, axis=-1, keepdims=True))
+    if shift is not None:
+      exponent -= shift
+    phi = jnp.exp(exponent)
+    if subtract_row_max or shift is not None:
+      phi += SOFTMAX_EPS
+    phi *= scale
+  if valid is not None:
+    phi = jnp.where(valid, phi, 0.0)
+  return phi.astype(x.dtype)
+
+
+def _key_shift(k_blocks: jax.Array, valid_blocks: jax.Array, features: jax.Array) -> jax.Array:
+  """The largest softmax exponent over valid keys and features, per batch and head.
+
+  Subtracting it bounds the key features by about 1/sqrt(m) without changing
+  the attention output; padding keys do not enter it. Computed block by block.
+
+  Returns:
+    float32 `[batch, heads, 1, 1]`, zero where no key is valid; no gradient.
+  """
+
+  def block_max(blocks):
+    k, valid = blocks
+    return jnp.max(jnp.where(valid, softmax_exponent(k, features), -jnp.inf), axis=(-2, -1))
+
+  largest = jnp.max(jax.lax.map(block_max, (k_blocks, valid_blocks)), axis=0)
+  largest = jnp.where(jnp.isfinite(largest), largest, 0.0)
+  return jax.lax.stop_gradient(largest)[..., None, None]
+
+
+def _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_features,
+                   num_features):
+  """Non-causal phi(Q) (phi(K)^T V), by key blocks then by query blocks."""
+  batch, heads, _, value_dim = v_blocks.shape[1:]
+  state = jnp.zeros((batch, heads, num_features, value_dim), jnp.float32)
+
+  def add_block(state, blocks):
+    k, v, valid = blocks
+    return state + jnp.einsum('bhnm,bhnd->bhmd', key_features(k, valid), v,
+                              preferred_element_type=jnp.float32), None
+
+  state, _ = jax.lax.scan(jax.checkpoint(add_block, prevent_cse=False), state,
+                          (k_blocks, v_blocks, valid_blocks))
+
+  def attend(q):
+    return jnp.einsum('bhnm,bhmd->bhnd', query_features(q), state,
+                      preferred_element_type=jnp.float32)
+
+  return jax.lax.map(jax.checkpoint(attend, prevent_cse=False), q_blocks)
+
+
+def _causal(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_features,
+            num_features):
+  """Causal phi(Q) (phi(K)^T V) by prefix sums over chunks.
+
+  Inside a chunk, the masked quadratic form (phi(Q_c) phi(K_c)^T * lower) V_c;
+  earlier chunks enter through the running sum of phi(K)^T V carried by a scan.
+  """
+  batch, heads, chunk_len, value_dim = v_blocks.shape[1:]
+  lower = jnp.tril(jnp.ones((chunk_len, chunk_len), dtype=bool))
+  state = jnp.zeros((batch, heads, num_features, value_dim), jnp.float32)
+
+  def step(state, blocks):
+    q, k, v, valid = blocks
+    phi_q = query_features(q)
+    phi_k = key_features(k, valid)
+    scores = jnp.einsum('bhim,bhjm->bhij', phi_q, phi_k, preferred_element_type=jnp.float32)
+    scores = jnp.where(lower, scores, 0.0)
+    out = (jnp.einsum('bhij,bhjd->bhid', scores, v, preferred_element_type=jnp.float32)
+           + jnp.einsum('bhim,bhmd->bhid', phi_q, state, preferred_element_type=jnp.float32))
+    state += jnp.einsum('bhjm,bhjd->bhmd', phi_k, v, preferred_element_type=jnp.float32)
+    return state, out
+
+  _, out = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), state,
+                        (q_blocks, k_blocks, v_blocks, valid_blocks))
+  return out
+
+
+def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Array,
+                    mask: jax.Array | None = None, causal: bool = False,
+                    kernel: str = 'softmax', chunk_len: int = 64,
+                    block_len: int = 512) -> jax.Array:
+  """FAVOR+ attention, an estimate of softmax attention by random features.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`.
+    k: `[batch, kv_len, heads, head_dim]`.
+    v: `[batch, kv_len, heads, value_dim]`.
+    features: float32 `[num_features, head_dim]` from `draw_orthogonal_features`.
+    mask: None or bool `[batch, kv_len]`, True for real keys.
+    causal: query i sees keys j <= i only (needs q_len == kv_len).
+    kernel: 'softmax' (FAVOR+) or 'relu' (generalized attention).
+    chunk_len: chunk length of the causal prefix sums.
+    block_len: positions per block in non-causal attention (a memory/speed
+      trade-off only).
+
+  Returns:
+    `[batch, q_len, heads, value_dim]` in the dtype of q; zeros for queries with
+    no visible key.
+  """
+  batch, q_len, _, head_dim = q.shape
+  kv_len = k.shape[1]
+  key_mask = base.key_mask_or_ones(mask, batch, kv_len)
+  q_block = min(chunk_len if causal else block_len, q_len)
+  kv_block = min(chunk_len if causal else block_len, kv_len)
+
+  data_scale = jnp.asarray(head_dim**-0.25, q.dtype)
+  # A column of ones after v makes the normaliser D the last output column.
+  v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  q_blocks = _to_blocks(base.pad_axis(q * data_scale, 1, q_block), q_block)
+  k_blocks = _to_blocks(base.pad_axis(k * data_scale, 1, kv_block), kv_block)
+  v_blocks = _to_blocks(base.pad_axis(v, 1, kv_block), kv_block)
+  valid = base.pad_axis(key_mask, 1, kv_block, False)
+  valid_blocks = valid.reshape(batch, -1, kv_block).transpose(1, 0, 2)[:, :, None, :, None]
+
+  key_shift = _key_shift(k_blocks, valid_blocks, features) if kernel == 'softmax' else None
+
+  def query_features(x):
+    return random_features(x, features, kernel, subtract_row_max=True)
+
+  def key_features(x, valid):
+    return random_features(x, features, kernel, shift=key_shift, valid=valid)
+
+  attend = _causal if causal else _bidirectional
+  out = attend(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_features,
+               features.shape[0])
+  if causal:
+    has_key = jnp.cumsum(key_mask, axis=1) > 0
+  else:
+    has_key = jnp.broadcast_to(key_mask.any(axis=1, keepdims=True), (batch, q_len))
+  out = _from_blocks(out)[:, :q_len]
+  numerator, denominator = out[..., :-1], out[..., -1]
+  has_key = has_key[:, :, None]
+  denominator = jnp.where(has_key, denominator, 1.0)
+  return jnp.where(has_key[..., None], numerator / denominator[..., None], 0.0).astype(q.dtype)
+
+
+@base.register_attention('performer')
+class PerformerAttention(base.Attention):
+  """FAVOR+ attention with positive orthogonal random features.
+
+  Redraw policy: a feature key is drawn once at init from the 'attention' stream
+  of `rngs` (the 'default' stream when absent) and stored as `RandomState`; the
+  features are a deterministic function of it and head_dim. With
+  `redraw='fixed'` every call uses them. With `redraw='every_call'` each call in
+  training mode (`deterministic=False`) draws fresh features from the stream,
+  and evaluation (`model.eval()`) uses the fixed ones.
+  """
+
+  def __init__(self, num_features: int = 256, kernel: str = 'softmax',
+               redraw: str = 'fixed', chunk_len: int = 64, block_len: int = 512, *,
+               rngs: nnx.Rngs):
+    base.check_positive_int('num_features', num_features)
+    base.check_choice('kernel', kernel, KERNELS)
+    base.check_choice('redraw', redraw, REDRAW_POLICIES)
+    base.check_positive_int('chunk_len', chunk_len)
+    base.check_positive_int('block_len', block_len)
+    self.num_features = num_features
+    self.kernel = kernel
+    self.redraw = redraw
+    self.chunk_len = chunk_len
+    self.block_len = block_len
+    self.deterministic = False
+    self.rngs = rngs['attention'].fork()
+    self.feature_key = base.RandomState(jax.random.key_data(self.rngs()))
+
+  def features(self, head_dim: int) -> jax.Array:
+    """The random features `[num_features, head_dim]` for this call."""
+    if self.redraw == 'every_call' and not self.deterministic:
+      key = self.rngs()
+    else:
+      key = jax.random.wrap_key_data(self.feature_key[...])
+    return draw_orthogonal_features(key, self.num_features, head_dim)
+
+  def __call__(self, q, k, v, mask=None, causal=False):
+    base.check_inputs(q, k, v, mask, self_attention=causal)
+    return favor_attention(q, k, v, self.features(q.shape[-1]), mask, causal,
+                           self.kernel, self.chunk_len, self.block_len)
