@@ -1,0 +1,125 @@
+"""LRA Text: IMDB movie reviews at byte level, read from a copy the user provides.
+
+Binary sentiment classification of whole reviews, one token per byte (ids b + 1,
+0 is padding), cut to `seq_len` bytes: 1K to 4K in the paper (default 4096). 25K
+training and 25K test reviews. As in LRA, which has no validation set for this
+task, 'valid' is the test split.
+
+Data (no download happens here), either of:
+  - the TFDS-prepared imdb_reviews folder `<data_dir>/imdb_reviews/plain_text/<version>/`
+    (made on a machine with internet by `tfds build imdb_reviews` or
+    `tfds.load('imdb_reviews')`, then copied; tfrecord or array_record files);
+  - the raw archive aclImdb_v1.tar.gz from https://ai.stanford.edu/~amaas/data/sentiment/,
+    extracted so that `<data_dir>/aclImdb/{train,test}/{pos,neg}/*.txt` exist.
+"""
+
+import pathlib
+import re
+
+import numpy as np
+
+from efficient_attn.data import common
+from efficient_attn.data import tfds_files
+
+IMDB_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/ (aclImdb_v1.tar.gz)'
+SPLITS = ('train', 'valid', 'test')
+SOURCES = ('auto', 'tfds', 'aclImdb')
+NUM_CLASSES = 2
+DEFAULT_SEQ_LEN = 4096
+# LRA validated on the test reviews; IMDB has no validation split.
+_STORED_SPLIT = {'train': 'train', 'valid': 'test', 'test': 'test'}
+_REVIEW_FILE = re.compile(r'^(\d+)_\d+\.txt$')
+
+
+def read_tfds_imdb(data_dir, split: str) -> tuple[list[bytes], np.ndarray]:
+  """Texts and labels (1 = positive) of a split of TFDS-prepared imdb_reviews."""
+  version_dir = tfds_files.find_prepared(
+      data_dir, 'imdb_reviews', 'plain_text', what='TFDS-prepared imdb_reviews',
+      download=f'TFDS (tfds build imdb_reviews) or {IMDB_URL}')
+  texts, labels = [], []
+  for record, path in tfds_files.read_split(version_dir, split):
+    features = tfds_files.parse_example(record, path)
+    if len(features.get('text', ())) != 1 or len(features.get('label', ())) != 1:
+      raise common.CorruptDataError(f'{path} holds a record without text and label')
+    texts.append(features['text'][0])
+    labels.append(features['label'][0])
+  return texts, np.asarray(labels, dtype=np.int32)
+
+
+def find_acl_imdb(data_dir) -> pathlib.Path:
+  """The extracted aclImdb folder."""
+  return common.find_data(
+      data_dir, ['aclImdb', 'imdb/aclImdb'], what='IMDB reviews (aclImdb)',
+      expected='the folder aclImdb/ with train/ and test/, each holding pos/ and neg/ '
+               '*.txt reviews (aclImdb_v1.tar.gz extracted)',
+      download=IMDB_URL,
+      hint='Alternatively put a TFDS-prepared imdb_reviews/ folder there.')
+
+
+def _review_files(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Review files of one label folder, by review id; error when some are missing."""
+  if not folder.is_dir():
+    raise common.CorruptDataError(f'{folder} is missing: the aclImdb copy is incomplete')
+  numbered = {}
+  for path in folder.iterdir():
+    match = _REVIEW_FILE.match(path.name)
+    if match:
+      numbered[int(match.group(1))] = path
+  urls = folder.parent / f'urls_{folder.name}.txt'
+  expected = len(urls.read_text().splitlines()) if urls.exists() else max(numbered, default=-1) + 1
+  missing = sorted(set(range(expected)) - set(numbered))
+  if missing or not numbered:
+    raise common.CorruptDataError(
+        f'{folder} holds {len(numbered)} reviews, expected {expected} (ids 0-{expected - 1}; '
+        f'missing e.g. {missing[:3]}): the aclImdb copy is incomplete; extract it again')
+  return [numbered[i] for i in range(expected)]
+
+
+def read_acl_imdb(data_dir, split: str) -> tuple[list[bytes], np.ndarray]:
+  """Texts and labels (1 = positive) of a split ('train' or 'test') of the raw aclImdb folder."""
+  root = find_acl_imdb(data_dir) / split
+  texts, labels = [], []
+  for label, name in enumerate(('neg', 'pos')):
+    for path in _review_files(root / name):
+      text = path.read_bytes()
+      if not text:
+        raise common.CorruptDataError(f'{path} is empty: the aclImdb copy is damaged')
+      texts.append(text)
+      labels.append(label)
+  return texts, np.asarray(labels, dtype=np.int32)
+
+
+def read_imdb(data_dir, split: str, source: str = 'auto') -> tuple[list[bytes], np.ndarray]:
+  """Texts and labels of a stored IMDB split from the TFDS copy or the raw folder."""
+  common.check_choice('source', source, SOURCES)
+  if source == 'tfds':
+    return read_tfds_imdb(data_dir, split)
+  if source == 'aclImdb':
+    return read_acl_imdb(data_dir, split)
+  try:
+    return read_tfds_imdb(data_dir, split)
+  except common.MissingDataError as tfds_missing:
+    try:
+      return read_acl_imdb(data_dir, split)
+    except common.MissingDataError as raw_missing:
+      raise common.MissingDataError(f'{raw_missing} (Also tried: {tfds_missing})') from None
+
+
+def load(split: str, data_dir=None, seq_len: int | None = None,
+         source: str = 'auto') -> common.Task:
+  """The LRA Text task.
+
+  Args:
+    split: 'train', 'valid' (the test reviews, as LRA) or 'test'.
+    data_dir: folder holding imdb_reviews/ or aclImdb/; defaults searched when None.
+    seq_len: bytes kept per review, 1024 to 4096 in the paper; 4096 when None.
+    source: 'auto' (TFDS copy, else raw folder), 'tfds' or 'aclImdb'.
+
+  Returns:
+    The Task; examples are {'inputs': int32 [<= seq_len] byte ids, 'targets': int32}.
+  """
+  common.check_choice('split', split, SPLITS)
+  seq_len = seq_len or DEFAULT_SEQ_LEN
+  texts, labels = read_imdb(data_dir, _STORED_SPLIT[split], source)
+  return common.Task(name='text', split=split, source=common.BytesSource(texts, labels, seq_len),
+                     vocab_size=common.BYTE_VOCAB_SIZE, num_classes=NUM_CLASSES, seq_len=seq_len)
