@@ -1,0 +1,145 @@
+"""Pathfinder: shapes, balance, determinism, real connectivity, storage and the LRA-file reader."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from efficient_attn.data import CorruptDataError, MissingDataError, get_task, pathfinder
+from test_data_helpers import prepared_dir  # pylint: disable=unused-import
+
+SETTING = pathfinder.SETTINGS['res32_hard']
+
+
+@pytest.fixture(scope='module')
+def debug_images():
+  return pathfinder.generate(256, SETTING, seed=5, debug=True)
+
+
+def test_shapes_dtypes_and_exact_balance(debug_images):
+  assert debug_images['image'].shape == (256, 32, 32)
+  assert debug_images['image'].dtype == np.uint8
+  assert debug_images['label'].sum() == 128
+
+
+def test_positives_connect_the_dots_and_negatives_do_not(debug_images):
+  for solid, markers, label in zip(debug_images['solid'], debug_images['markers'],
+                                   debug_images['label']):
+    components, _ = ndimage.label(solid, structure=np.ones((3, 3)))
+    (y0, x0), (y1, x1) = markers
+    assert components[y0, x0] > 0 and components[y1, x1] > 0
+    assert (components[y0, x0] == components[y1, x1]) == bool(label)
+
+
+def test_paths_are_dashed_with_distractors_and_inked_dots(debug_images):
+  images, solid = debug_images['image'] > 0, debug_images['solid']
+  assert not (images & ~solid).any()  # all ink lies on a path or a dot
+  assert (solid & ~images).sum(axis=(1, 2)).min() > 0  # gaps between dashes
+  counts = [ndimage.label(s, structure=np.ones((3, 3)))[1] for s in solid]
+  assert np.median(counts) >= 6  # two targets plus distractors
+  rows = np.arange(len(images))
+  for end in range(2):
+    y, x = debug_images['markers'][:, end].T
+    assert images[rows, y, x].all()
+
+
+def test_same_seed_same_images_other_seed_differs():
+  first = pathfinder.generate(40, SETTING, seed=11)
+  again = pathfinder.generate(40, SETTING, seed=11)
+  other = pathfinder.generate(40, SETTING, seed=12)
+  assert np.array_equal(first['image'], again['image'])
+  assert np.array_equal(first['label'], again['label'])
+  assert not np.array_equal(first['image'], other['image'])
+
+
+def test_whole_chunks_do_not_depend_on_the_total(monkeypatch):
+  monkeypatch.setattr(pathfinder, 'IMAGES_PER_CHUNK', 16)
+  monkeypatch.setattr(pathfinder, 'IMAGES_PER_DRAW', 64)
+  longer = pathfinder.generate(40, SETTING, seed=2)
+  shorter = pathfinder.generate(32, SETTING, seed=2)
+  assert np.array_equal(longer['image'][:32], shorter['image'])
+
+
+@pytest.mark.parametrize('resolution', [64, 128])
+def test_larger_resolutions(resolution):
+  images = pathfinder.generate(4, pathfinder.make_setting(resolution, 'hard'), seed=0, debug=True)
+  assert images['image'].shape == (4, resolution, resolution)
+  for solid, markers, label in zip(images['solid'], images['markers'], images['label']):
+    components, _ = ndimage.label(solid, structure=np.ones((3, 3)))
+    (y0, x0), (y1, x1) = markers
+    assert (components[y0, x0] == components[y1, x1]) == bool(label)
+
+
+def test_unknown_resolution_or_difficulty_lists_the_valid_ones(prepared_dir):
+  with pytest.raises(ValueError, match='32, 64, 128, 256'):
+    get_task('pathfinder', prepared_dir, resolution=48)
+  with pytest.raises(ValueError, match="'easy', 'intermediate', 'hard', 'extreme'"):
+    pathfinder.make_setting(32, 'medium')
+  with pytest.raises(ValueError, match="'train', 'valid', 'test'"):
+    get_task('pathfinder', prepared_dir, split='dev', config='tiny')
+
+
+def test_prepared_split_matches_generator(prepared_dir):
+  task = get_task('pathfinder', prepared_dir, split='valid', config='tiny')
+  setting = pathfinder.SETTINGS['tiny']
+  expected = pathfinder.generate(64, setting, seed=pathfinder.split_seed(setting, 'valid'))
+  assert (len(task.source), task.seq_len, task.vocab_size, task.num_classes) == (64, 1024, 257, 2)
+  example = task.source[3]
+  assert np.array_equal(example['inputs'], expected['image'][3].reshape(-1).astype(np.int32) + 1)
+  assert example['targets'] == expected['label'][3]
+
+
+def test_unprepared_resolution_names_the_command(tmp_path):
+  with pytest.raises(MissingDataError, match='prepare pathfinder --config res64_easy'):
+    get_task('pathfinder', tmp_path, resolution=64, difficulty='easy')
+
+
+def write_lra_folder(root, count=20, resolution=32):
+  """A fake lra_release pathfinder folder; returns the images and labels written."""
+  folder = root / 'lra_release' / f'pathfinder{resolution}' / 'curv_contour_length_14'
+  (folder / 'metadata').mkdir(parents=True)
+  (folder / 'imgs' / '0').mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (count, resolution, resolution), dtype=np.uint8)
+  labels = rng.integers(0, 2, count)
+  lines = []
+  for i in range(count):
+    Image.fromarray(images[i]).save(folder / 'imgs' / '0' / f'sample_{i}.png')
+    lines.append(f'imgs/0 sample_{i}.png {i} {labels[i]} 1.0 14 4 2 0.5 1 1')
+  (folder / 'metadata' / '0.npy').write_text('\n'.join(lines) + '\n')
+  return folder, images, labels
+
+
+def test_lra_release_reader(tmp_path):
+  _, images, labels = write_lra_folder(tmp_path)
+  train = get_task('pathfinder', tmp_path, split='train', source='lra_release')
+  test = get_task('pathfinder', tmp_path, split='test', source='lra_release')
+  assert (len(train.source), len(test.source)) == (16, 2)
+  assert np.array_equal(train.source[5]['inputs'], images[5].reshape(-1).astype(np.int32) + 1)
+  assert train.source[5]['targets'] == labels[5]
+  assert test.source[0]['targets'] == labels[18]
+
+
+def test_lra_release_missing_names_files_and_archive(tmp_path):
+  with pytest.raises(MissingDataError) as error:
+    get_task('pathfinder', tmp_path, source='lra_release')
+  message = str(error.value)
+  assert 'pathfinder32/curv_contour_length_14' in message and 'lra_release.gz' in message
+  assert str(tmp_path) in message
+
+
+def test_lra_release_damaged_files_are_named(tmp_path):
+  folder, _, _ = write_lra_folder(tmp_path)
+  broken = folder / 'imgs' / '0' / 'sample_3.png'
+  broken.write_bytes(broken.read_bytes()[:30])
+  task = get_task('pathfinder', tmp_path, source='lra_release')
+  with pytest.raises(CorruptDataError, match='sample_3.png'):
+    task.source[3]  # pylint: disable=pointless-statement
+  (folder / 'imgs' / '0' / 'sample_7.png').unlink()
+  with pytest.raises(CorruptDataError, match='sample_7.png'):
+    get_task('pathfinder', tmp_path, source='lra_release')
+  assert len(get_task('pathfinder', tmp_path, source='lra_release',
+                      skip_bad_images=True).source) == 15
+  (folder / 'metadata' / '1.npy').write_text('imgs/0 sample_1.png\n')
+  with pytest.raises(CorruptDataError, match='1.npy, line 1'):
+    get_task('pathfinder', tmp_path, source='lra_release')
