@@ -40,29 +40,42 @@ def _rss_peak_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _make_attention_fn(name: str, options: dict, length: int, heads: int, causal: bool):
-  """A pure `f(params, q, k, v)` for the case, and its differentiable params."""
+def _make_case_fns(name: str, options: dict, length: int, causal: bool):
+  """Pure `forward(params, state, q, k, v)` and `gradients(...)` for the case, with the
+  module's params and other state."""
   import jax.numpy as jnp
   from flax import nnx
   import efficient_attn as ea
   from efficient_attn.attention.full import xla_attention
 
+  class JaxReference(nnx.Module):
+    """`jax.nn.dot_product_attention` as a module."""
+
+    def __call__(self, q, k, v, causal=False):
+      return xla_attention(q, k, v, causal=causal)
+
+  call_kwargs = {'causal': causal}
   if name == JAX_REFERENCE:
-    return (lambda params, q, k, v: xla_attention(q, k, v, causal=causal)), {}
-  options = dict(options)
-  if name == 'linformer':
-    options.setdefault('max_len', length)
-  module = ea.make_attention(name, rngs=nnx.Rngs(0), **options)
-  call_kwargs = {}
+    module = JaxReference()
+  else:
+    options = dict(options)
+    if name == 'linformer':
+      options.setdefault('max_len', length)
+    module = ea.make_attention(name, rngs=nnx.Rngs(0), **options)
   if name == 'longformer':
     # One global token, the first, as in a classification [CLS] setting.
     call_kwargs['global_mask'] = jnp.zeros((1, length), bool).at[:, 0].set(True)
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  graphdef, params, state = nnx.split(module, nnx.Param, ...)
 
-  def attention_fn(params, q, k, v):
-    return nnx.merge(graphdef, params, rest)(q, k, v, causal=causal, **call_kwargs)
+  def forward(params, state, q, k, v):
+    return nnx.merge(graphdef, params, state)(q, k, v, **call_kwargs)
 
-  return attention_fn, params
+  def gradients(params, state, q, k, v):
+    # nnx.grad, so that mechanisms drawing random numbers may advance their rng state.
+    loss = lambda module, q, k, v: jnp.sum(module(q, k, v, **call_kwargs).astype(jnp.float32))
+    return nnx.grad(loss, argnums=(0, 1, 2, 3))(nnx.merge(graphdef, params, state), q, k, v)
+
+  return forward, gradients, params, state
 
 
 def _min_time(fn, args, repeats: int) -> float:
@@ -90,14 +103,10 @@ def run_case(name: str, length: int, mode: str, causal: bool, batch: int, heads:
              for key in keys)
   jax.block_until_ready((q, k, v))
   idle_bytes = _rss_peak_bytes()
-  attention_fn, params = _make_attention_fn(name, BENCH_OPTIONS.get(name, {}), length,
-                                            heads, causal)
-  if mode == 'fwd':
-    fn = jax.jit(attention_fn)
-  else:
-    loss = lambda params, q, k, v: jnp.sum(attention_fn(params, q, k, v).astype(jnp.float32))
-    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-  compiled = fn.lower(params, q, k, v).compile()
+  forward, gradients, params, state = _make_case_fns(name, BENCH_OPTIONS.get(name, {}), length,
+                                                     causal)
+  fn = jax.jit(forward if mode == 'fwd' else gradients)
+  compiled = fn.lower(params, state, q, k, v).compile()
   stats = compiled.memory_analysis()
   xla_bytes = stats.temp_size_in_bytes + stats.output_size_in_bytes
   result = {'attention': name, 'length': length, 'mode': mode, 'causal': causal,
@@ -105,7 +114,7 @@ def run_case(name: str, length: int, mode: str, causal: bool, batch: int, heads:
   if xla_bytes > MEMORY_BUDGET_BYTES:
     result['error'] = f'out of memory: needs {xla_bytes / 2**30:.1f} GiB of buffers'
     return result
-  result['seconds'] = _min_time(compiled, (params, q, k, v), repeats)
+  result['seconds'] = _min_time(compiled, (params, state, q, k, v), repeats)
   result['peak_bytes'] = _rss_peak_bytes() - idle_bytes
   return result
 
@@ -171,7 +180,7 @@ def write_results(rows: list[dict], info: dict, command: str, out_stem: str,
       f'Machine: {info["cpu"]}, {info["cores"]} cores, {info["memory_gib"]} GiB, '
       f'backend {info["backend"]}; python {info["python"]}, jax {info["jax"]}, '
       f'flax {info["flax"]}, numpy {info["numpy"]}.', '',
-      'Batch 1, 8 heads, head_dim 64, float32. Times in seconds (min over repeats after a '
+      f'Batch {info["batch"]}, {info["heads"]} heads, head_dim {info["head_dim"]}, float32. Times in seconds (min over repeats after a '
       'warm-up); memory is the peak resident set of forward+backward minus the idle '
       f'process, in GB. "x {baseline}" is the forward+backward speed-up over `{baseline}` '
       'at the same length and causality, measured in the same run.', '',
@@ -242,7 +251,7 @@ def main(argv=None) -> None:
 
   rows = []
   command = 'python -m efficient_attn.bench ' + ' '.join(sys.argv[1:] if argv is None else argv)
-  info = machine_info()
+  info = {**machine_info(), 'batch': args.batch, 'heads': args.heads, 'head_dim': args.head_dim}
   for causal in causals:
     for name in names:
       if causal and name == 'linformer':
