@@ -132,7 +132,7 @@ def test_tfds_truncated_or_short_file_is_named(tmp_path):
   shard = folder / 'imdb_reviews-train.tfrecord-00000-of-00001'
   data = shard.read_bytes()
   shard.write_bytes(data[:-7])
-  with pytest.raises(CorruptDataError, match='imdb_reviews-train.tfrecord-00000-of-00001 is truncated'):
+  with pytest.raises(CorruptDataError, match='train.tfrecord-00000-of-00001 is truncated'):
     get_task('text', tmp_path, source='tfds')
   shard.write_bytes(tfrecord_bytes(imdb_records('train')[:2]))
   with pytest.raises(CorruptDataError, match='holds 2 records, dataset_info.json says 3'):
@@ -201,7 +201,8 @@ def write_cifar_batches(root, per_batch: int = 4):
   folder = root / 'cifar-10-batches-py'
   folder.mkdir()
   written = {}
-  for split, names in (('train', [f'data_batch_{i}' for i in range(1, 6)]), ('test', ['test_batch'])):
+  train_names = [f'data_batch_{i}' for i in range(1, 6)]
+  for split, names in (('train', train_names), ('test', ['test_batch'])):
     images, labels = cifar_images(per_batch * len(names), seed=len(split))
     for k, name in enumerate(names):
       part = slice(k * per_batch, (k + 1) * per_batch)

@@ -40,7 +40,8 @@ def _decode_png(data: bytes, path: pathlib.Path) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
       pixels = np.asarray(image.convert('RGB'))
   except Exception as error:  # PIL raises several types for damaged data
-    raise common.CorruptDataError(f'{path} holds an image that cannot be decoded: {error}') from error
+    raise common.CorruptDataError(
+        f'{path} holds an image that cannot be decoded: {error}') from error
   if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
     raise common.CorruptDataError(f'{path} holds an image of shape {pixels.shape}')
   return pixels

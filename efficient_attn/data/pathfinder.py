@@ -270,18 +270,18 @@ class _Canvas:
     return drawn, start, angle
 
   def _rounds(self, rows, propose, path: int, segment: int, marks_end: bool):
-    """Tries candidate segments from `propose(todo, first, count)` in rounds until all fit."""
+    """Tries candidate segments from `propose(pending, first, count)` in rounds until all fit."""
     drawn = np.zeros(len(rows), dtype=bool)
     start, angle = np.zeros((len(rows), 2)), np.zeros(len(rows))
     first = 0
     for count in TRIAL_ROUNDS:
-      todo = np.flatnonzero(~drawn)
-      if not len(todo):
+      pending = np.flatnonzero(~drawn)
+      if not len(pending):
         break
-      starts, angles = propose(todo, first, count)
-      done, start[todo], angle[todo] = self._choose(rows[todo], starts, angles, path, segment,
-                                                    marks_end)
-      drawn[todo] = done
+      starts, angles = propose(pending, first, count)
+      done, start[pending], angle[pending] = self._choose(
+          rows[pending], starts, angles, path, segment, marks_end)
+      drawn[pending] = done
       first += count
     return drawn, start, angle
 
@@ -292,13 +292,13 @@ class _Canvas:
       (drawn, next_start, next_angle): which rows got a segment, and where the next
       segment of those rows starts and heads.
     """
-    def propose(todo, first, count):
+    def propose(pending, first, count):
       # Later candidates may bend harder, up to MAX_BEND.
       limits = np.minimum(self.setting.max_turn * (1 + np.arange(first, first + count) / 2),
                           MAX_BEND)
-      turns = self.rng.uniform(-1.0, 1.0, (len(todo), count)) * limits
-      starts = np.repeat(start[todo, None, :], count, axis=1)
-      return starts, angle[todo, None] + turns
+      turns = self.rng.uniform(-1.0, 1.0, (len(pending), count)) * limits
+      starts = np.repeat(start[pending, None, :], count, axis=1)
+      return starts, angle[pending, None] + turns
 
     drawn, chosen_start, chosen_angle = self._rounds(rows, propose, path, segment, marks_end)
     return drawn, self.end_of(chosen_start, chosen_angle, self.step), chosen_angle
@@ -311,16 +311,16 @@ class _Canvas:
     """
     setting = self.setting
 
-    def propose(todo, first, count):
+    def propose(pending, first, count):
       del first
       if near is None:
         low, high = setting.border, self.size - 1 - setting.border
-        starts = self.rng.uniform(low, high, (len(todo), count, 2))
+        starts = self.rng.uniform(low, high, (len(pending), count, 2))
       else:
-        bearing = self.rng.uniform(0, 2 * np.pi, (len(todo), count))
+        bearing = self.rng.uniform(0, 2 * np.pi, (len(pending), count))
         offset = setting.seed_distance * np.stack([np.sin(bearing), np.cos(bearing)], -1)
-        starts = near[todo, None, :] + offset
-      return starts, self.rng.uniform(0, 2 * np.pi, (len(todo), count))
+        starts = near[pending, None, :] + offset
+      return starts, self.rng.uniform(0, 2 * np.pi, (len(pending), count))
 
     placed, origin, angle = self._rounds(rows, propose, path, 0, False)
     return placed, origin, self.end_of(origin, angle, self.step), angle

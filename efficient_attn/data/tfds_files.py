@@ -96,7 +96,8 @@ def parse_example(serialized: bytes, path: pathlib.Path) -> dict:
   try:
     example = tf_example_pb2.Example.FromString(serialized)
   except Exception as error:  # protobuf's DecodeError
-    raise common.CorruptDataError(f'{path} holds a record that is not an Example: {error}') from error
+    raise common.CorruptDataError(
+        f'{path} holds a record that is not an Example: {error}') from error
   features = {}
   for name, feature in example.features.feature.items():
     kind = feature.WhichOneof('kind')
@@ -124,7 +125,7 @@ def find_prepared(data_dir, name: str, config: str | None, *, what: str, downloa
 
 
 def read_split(version_dir: pathlib.Path, split: str) -> list[tuple[bytes, pathlib.Path]]:
-  """Serialized records of one split, with the file each came from, checked against dataset_info.json."""
+  """Serialized records of a split with the file of each; counts checked with dataset_info.json."""
   info = json.loads((version_dir / 'dataset_info.json').read_text())
   splits = {s['name']: s for s in info.get('splits', [])}
   common.check_choice('split of ' + str(version_dir), split, tuple(splits))

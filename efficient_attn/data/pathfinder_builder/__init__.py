@@ -34,7 +34,7 @@ class LraPathfinder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.setting.resolution
     return self.dataset_info_from_configs(
-        description='Grayscale images of dashed paths and two dots; label 1 when a path joins them.',
+        description='Images of dashed paths and two dots; label 1 when a path joins the dots.',
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Tensor(shape=(size, size), dtype=np.uint8,
                                           encoding=tfds.features.Encoding.BYTES),
