@@ -126,9 +126,16 @@ def _key_shift(k_blocks: jax.Array, valid_blocks: jax.Array, features: jax.Array
   return jax.lax.stop_gradient(largest)[..., None, None]
 
 
-def _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_features,
-                   num_features):
-  """Non-causal phi(Q) (phi(K)^T V), by key blocks then by query blocks."""
+def _normalize(out: jax.Array, has_key: jax.Array, dtype) -> jax.Array:
+  """D^-1 numerator from `[..., value_dim + 1]` (D last); zero where no key is visible."""
+  numerator, denominator = out[..., :-1], out[..., -1:]
+  denominator = jnp.where(has_key, denominator, 1.0)
+  return jnp.where(has_key, numerator / denominator, 0.0).astype(dtype)
+
+
+def _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, has_key, query_features,
+                   key_features, num_features):
+  """Non-causal D^-1 phi(Q) (phi(K)^T V), by key blocks then by query blocks."""
   batch, heads, _, value_dim = v_blocks.shape[1:]
   state = jnp.zeros((batch, heads, num_features, value_dim), jnp.float32)
 
@@ -141,15 +148,16 @@ def _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, k
                           (k_blocks, v_blocks, valid_blocks))
 
   def attend(q):
-    return jnp.einsum('bhnm,bhmd->bhnd', query_features(q), state,
-                      preferred_element_type=jnp.float32)
+    out = jnp.einsum('bhnm,bhmd->bhnd', query_features(q), state,
+                     preferred_element_type=jnp.float32)
+    return _normalize(out, has_key, q.dtype)
 
   return jax.lax.map(jax.checkpoint(attend, prevent_cse=False), q_blocks)
 
 
-def _causal(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_features,
-            num_features):
-  """Causal phi(Q) (phi(K)^T V) by prefix sums over chunks.
+def _causal(q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks, query_features,
+            key_features, num_features):
+  """Causal D^-1 phi(Q) (phi(K)^T V) by prefix sums over chunks.
 
   Inside a chunk, the masked quadratic form (phi(Q_c) phi(K_c)^T * lower) V_c;
   earlier chunks enter through the running sum of phi(K)^T V carried by a scan.
@@ -159,7 +167,7 @@ def _causal(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_feat
   state = jnp.zeros((batch, heads, num_features, value_dim), jnp.float32)
 
   def step(state, blocks):
-    q, k, v, valid = blocks
+    q, k, v, valid, has_key = blocks
     phi_q = query_features(q)
     phi_k = key_features(k, valid)
     scores = jnp.einsum('bhim,bhjm->bhij', phi_q, phi_k, preferred_element_type=jnp.float32)
@@ -167,17 +175,24 @@ def _causal(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_feat
     out = (jnp.einsum('bhij,bhjd->bhid', scores, v, preferred_element_type=jnp.float32)
            + jnp.einsum('bhim,bhmd->bhid', phi_q, state, preferred_element_type=jnp.float32))
     state += jnp.einsum('bhjm,bhjd->bhmd', phi_k, v, preferred_element_type=jnp.float32)
-    return state, out
+    return state, _normalize(out, has_key, q.dtype)
 
   _, out = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), state,
-                        (q_blocks, k_blocks, v_blocks, valid_blocks))
+                        (q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks))
   return out
+
+
+def _mask_blocks(mask: jax.Array, block: int) -> jax.Array:
+  """Bool `[batch, len]` -> `[len // block, batch, 1, block, 1]`, padded with False."""
+  batch = mask.shape[0]
+  mask = base.pad_axis(mask, 1, block, False)
+  return mask.reshape(batch, -1, block).transpose(1, 0, 2)[:, :, None, :, None]
 
 
 def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Array,
                     mask: jax.Array | None = None, causal: bool = False,
                     kernel: str = 'softmax', chunk_len: int = 64,
-                    block_len: int = 512) -> jax.Array:
+                    block_len: int = 256) -> jax.Array:
   """FAVOR+ attention, an estimate of softmax attention by random features.
 
   Args:
@@ -208,9 +223,7 @@ def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Arra
   q_blocks = _to_blocks(base.pad_axis(q * data_scale, 1, q_block), q_block)
   k_blocks = _to_blocks(base.pad_axis(k * data_scale, 1, kv_block), kv_block)
   v_blocks = _to_blocks(base.pad_axis(v, 1, kv_block), kv_block)
-  valid = base.pad_axis(key_mask, 1, kv_block, False)
-  valid_blocks = valid.reshape(batch, -1, kv_block).transpose(1, 0, 2)[:, :, None, :, None]
-
+  valid_blocks = _mask_blocks(key_mask, kv_block)
   key_shift = _key_shift(k_blocks, valid_blocks, features) if kernel == 'softmax' else None
 
   def query_features(x):
@@ -219,18 +232,15 @@ def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Arra
   def key_features(x, valid):
     return random_features(x, features, kernel, shift=key_shift, valid=valid)
 
-  attend = _causal if causal else _bidirectional
-  out = attend(q_blocks, k_blocks, v_blocks, valid_blocks, query_features, key_features,
-               features.shape[0])
   if causal:
-    has_key = jnp.cumsum(key_mask, axis=1) > 0
+    has_key_blocks = _mask_blocks(jnp.cumsum(key_mask, axis=1) > 0, q_block)
+    out = _causal(q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks,
+                  query_features, key_features, features.shape[0])
   else:
-    has_key = jnp.broadcast_to(key_mask.any(axis=1, keepdims=True), (batch, q_len))
-  out = _from_blocks(out)[:, :q_len]
-  numerator, denominator = out[..., :-1], out[..., -1]
-  has_key = has_key[:, :, None]
-  denominator = jnp.where(has_key, denominator, 1.0)
-  return jnp.where(has_key[..., None], numerator / denominator[..., None], 0.0).astype(q.dtype)
+    has_key = key_mask.any(axis=1)[:, None, None, None]
+    out = _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, has_key,
+                         query_features, key_features, features.shape[0])
+  return _from_blocks(out)[:, :q_len]
 
 
 @base.register_attention('performer')
@@ -246,7 +256,7 @@ class PerformerAttention(base.Attention):
   """
 
   def __init__(self, num_features: int = 256, kernel: str = 'softmax',
-               redraw: str = 'fixed', chunk_len: int = 64, block_len: int = 512, *,
+               redraw: str = 'fixed', chunk_len: int = 64, block_len: int = 256, *,
                rngs: nnx.Rngs):
     base.check_positive_int('num_features', num_features)
     base.check_choice('kernel', kernel, KERNELS)
