@@ -53,11 +53,12 @@ def test_same_seed_same_images_other_seed_differs():
 
 
 def test_whole_chunks_do_not_depend_on_the_total(monkeypatch):
-  monkeypatch.setattr(pathfinder, 'IMAGES_PER_CHUNK', 16)
-  monkeypatch.setattr(pathfinder, 'IMAGES_PER_DRAW', 64)
-  longer = pathfinder.generate(40, SETTING, seed=2)
-  shorter = pathfinder.generate(32, SETTING, seed=2)
-  assert np.array_equal(longer['image'][:32], shorter['image'])
+  monkeypatch.setattr(pathfinder, 'IMAGES_PER_DRAW', {32: 64})
+  longer = list(pathfinder.generate_chunks(100, SETTING, seed=2))
+  shorter = list(pathfinder.generate_chunks(50, SETTING, seed=2))
+  assert len(shorter) >= 2 and sum(len(c['label']) for c in shorter) == 50
+  for key in ('image', 'label'):
+    assert np.array_equal(longer[0][key], shorter[0][key])
 
 
 @pytest.mark.parametrize('resolution', [64, 128])

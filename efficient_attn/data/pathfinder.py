@@ -21,9 +21,11 @@ pathfinder32/ ... pathfinder256/ with curv_baseline, curv_contour_length_9 and
 curv_contour_length_14) read them with `source='lra_release'`.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import logging
 import multiprocessing
 import pathlib
@@ -38,10 +40,10 @@ DIFFICULTIES = {'easy': 6, 'intermediate': 9, 'hard': 14, 'extreme': 20}
 SPLITS = ('train', 'valid', 'test')
 NUM_CLASSES = 2
 INK = 255
-# Chunk and batch sizes, headings, sub-pixel bins and candidate rounds are part of
-# what a seed means: changing them changes the images.
-IMAGES_PER_CHUNK = 1024
-IMAGES_PER_DRAW = 1024
+# Attempts per chunk, headings, sub-pixel bins and candidate rounds are part of what
+# a seed means: changing them changes the images. About a third of the attempts at
+# 32 px, two thirds at 128 px, succeed.
+IMAGES_PER_DRAW = {32: 4096, 64: 1024, 128: 256, 256: 64}
 HEADINGS = 64
 SUBPIXELS = 4
 # Candidate segments tried per round, in order, until one fits.
@@ -437,23 +439,24 @@ def _stamp(images: np.ndarray, centres: np.ndarray, radius: float, value) -> Non
   images[rows, pixels[..., 0], pixels[..., 1]] = value
 
 
-def _generate_chunk(setting: PathfinderSetting, seed: tuple[int, ...], size: int,
-                    debug: bool) -> dict:
-  """`size` images with exactly balanced labels, from their own random stream `seed`."""
-  rng = np.random.default_rng(seed)
-  attempts = min(IMAGES_PER_DRAW, 4 * size)
-  parts, total = [], 0
-  while total < size:
-    part = _draw_unmarked(rng, setting, attempts, debug)
-    parts.append(part)
-    total += len(part['image'])
-  drawn = {key: np.concatenate([part[key] for part in parts])[:size] for key in parts[0]}
-  labels = rng.permutation(np.arange(size) % 2)
+def _draw_chunk(setting: PathfinderSetting, words: tuple[int, ...], index: int,
+                debug: bool) -> dict:
+  """The unmarked images of chunk `index`: one batch of attempts from its own random stream."""
+  rng = np.random.default_rng(words + (index, 0))
+  return _draw_unmarked(rng, setting, IMAGES_PER_DRAW[setting.resolution], debug)
+
+
+def _mark_chunk(drawn: dict, setting: PathfinderSetting, words: tuple[int, ...], index: int,
+                debug: bool) -> dict:
+  """Chunk `index` with exactly balanced labels and the two dots of each image."""
+  rng = np.random.default_rng(words + (index, 1))
+  count = len(drawn['image'])
+  labels = rng.permutation(np.arange(count) % 2)
   # A positive marks both ends of one target, a negative one end of each.
-  marked = rng.integers(0, 2, size)
+  marked = rng.integers(0, 2, count)
   other = np.where(labels == 1, marked, 1 - marked)
-  index = np.arange(size)
-  markers = np.stack([drawn['origins'][index, marked], drawn['terminals'][index, other]], 1)
+  rows = np.arange(count)
+  markers = np.stack([drawn['origins'][rows, marked], drawn['terminals'][rows, other]], 1)
   chunk = {'image': drawn['image'], 'label': labels}
   for end in range(2):
     _stamp(chunk['image'], markers[:, end], setting.marker_radius, INK)
@@ -463,6 +466,25 @@ def _generate_chunk(setting: PathfinderSetting, seed: tuple[int, ...], size: int
       _stamp(chunk['solid'], markers[:, end], setting.marker_radius, True)
     chunk['markers'] = np.rint(markers).astype(np.int64)
   return chunk
+
+
+def _drawings(setting: PathfinderSetting, words: tuple[int, ...], debug: bool, workers: int):
+  """Yields the unmarked chunks 0, 1, 2, ... in order, drawn in `workers` processes."""
+  if workers <= 1:
+    for index in itertools.count():
+      yield _draw_chunk(setting, words, index, debug)
+  # Fresh processes: forking one that runs JAX threads can deadlock.
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    ahead = collections.deque()
+    try:
+      for index in itertools.count():
+        ahead.append(pool.submit(_draw_chunk, setting, words, index, debug))
+        if len(ahead) > workers:
+          yield ahead.popleft().result()
+    finally:
+      for future in ahead:
+        future.cancel()
 
 
 def _seed_words(seed) -> tuple[int, ...]:
@@ -478,10 +500,17 @@ def generate_chunks(num_examples: int, setting: PathfinderSetting, seed=None,
   if setting.contour_length < 2:
     raise ValueError('target paths need at least 2 segments')
   words = _seed_words(setting.seed if seed is None else seed)
-  sizes = [min(IMAGES_PER_CHUNK, num_examples - start)
-           for start in range(0, num_examples, IMAGES_PER_CHUNK)]
-  jobs = [(setting, words + (index,), size, debug) for index, size in enumerate(sizes)]
-  yield from _run(jobs, workers)
+  total = 0
+  drawings = _drawings(setting, words, debug, workers)
+  try:
+    for index in itertools.count():
+      if total >= num_examples:
+        return
+      drawn = {key: value[:num_examples - total] for key, value in next(drawings).items()}
+      total += len(drawn['image'])
+      yield _mark_chunk(drawn, setting, words, index, debug)
+  finally:
+    drawings.close()
 
 
 def generate(num_examples: int, setting: PathfinderSetting = SETTINGS['res32_hard'],
@@ -489,8 +518,8 @@ def generate(num_examples: int, setting: PathfinderSetting = SETTINGS['res32_har
              progress: Callable[[int], None] | None = None) -> dict:
   """Generates Pathfinder images.
 
-  Images come in chunks of IMAGES_PER_CHUNK, each from its own random stream, so
-  the result does not depend on `workers`.
+  Images come in chunks, each drawn from its own random stream, so the result
+  depends on the seed and `num_examples` only, not on `workers`.
 
   Args:
     num_examples: how many images.
@@ -511,18 +540,6 @@ def generate(num_examples: int, setting: PathfinderSetting = SETTINGS['res32_har
     if progress is not None:
       progress(len(chunk['label']))
   return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
-
-
-def _run(jobs: list[tuple], workers: int):
-  """Yields `_generate_chunk(*job)` for each job, in order, in `workers` processes."""
-  if workers <= 1 or len(jobs) <= 1:
-    for job in jobs:
-      yield _generate_chunk(*job)
-    return
-  # Fresh processes: forking one that runs JAX threads can deadlock.
-  context = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-    yield from pool.map(_generate_chunk, *zip(*jobs))
 
 
 def split_seed(setting: PathfinderSetting, split: str) -> tuple[int, int]:
