@@ -253,6 +253,10 @@ class PerformerAttention(base.Attention):
   `redraw='fixed'` every call uses them. With `redraw='every_call'` each call in
   training mode (`deterministic=False`) draws fresh features from the stream,
   and evaluation (`model.eval()`) uses the fixed ones.
+
+  Options: `num_features` (m), `kernel` ('softmax' or 'relu'), `redraw`
+  ('fixed' or 'every_call'), `chunk_len` (causal chunk) and `block_len`
+  (non-causal block), the last two speed/memory trade-offs only.
   """
 
   def __init__(self, num_features: int = 256, kernel: str = 'softmax',
