@@ -36,8 +36,6 @@ from efficient_attn.attention import base
 SELF_VALUE = 0.5 * base.MASK_VALUE
 # Rows whose maximum logit is at or below this saw no key at all.
 _NO_KEY_THRESHOLD = 0.75 * base.MASK_VALUE
-# Query rows per step of the chunk loop: keeps each step's logits in cache.
-_GROUP_ROWS = 1024
 
 
 def num_chunks(q_len: int, kv_len: int, chunk_len: int) -> int:
@@ -133,23 +131,26 @@ def _take_rows_bwd(residuals, dy):
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def _chunk_logits(q, k, q_pos, k_pos, k_valid, causal, shared_qk):
+def _chunk_logits(q, k, q_pos, k_info, causal, shared_qk):
   """Masked logits `[g, q_chunk, window]`, and where they depend on q and k."""
   logits = jnp.einsum('gqd,gkd->gqk', q, k, preferred_element_type=jnp.float32)
-  visible = k_valid[:, None, :]
+  k_info = k_info[:, None, :]
+  q_pos = q_pos[:, :, None]
+  visible = k_info >= 0
   if causal:
-    visible = visible & (k_pos[:, None, :] <= q_pos[:, :, None])
+    visible = visible & (k_info <= q_pos)
   logits = jnp.where(visible, logits, base.MASK_VALUE)
   if shared_qk:
-    own = visible & (k_pos[:, None, :] == q_pos[:, :, None])
+    own = k_info == q_pos
     logits = jnp.where(own, SELF_VALUE, logits)
     visible = visible & ~own
   return logits, visible
 
 
-def _chunk_forward(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk):
+def _chunk_forward(q, kv, q_pos, k_info, causal, shared_qk):
   """Softmax attention of a group of query chunks to their key windows."""
-  logits, _ = _chunk_logits(q, k, q_pos, k_pos, k_valid, causal, shared_qk)
+  k, v = kv[..., :q.shape[-1]], kv[..., q.shape[-1]:]
+  logits, _ = _chunk_logits(q, k, q_pos, k_info, causal, shared_qk)
   row_max = logits.max(axis=-1, keepdims=True)
   probs = jnp.exp(logits - row_max)
   normalizer = probs.sum(axis=-1, keepdims=True)
@@ -160,9 +161,10 @@ def _chunk_forward(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk):
   return out.astype(q.dtype), (row_max + jnp.log(normalizer))[..., 0]
 
 
-def _chunk_backward(q, k, v, q_pos, k_pos, k_valid, out, lse, dout, dlse, causal, shared_qk):
-  """Gradients of `_chunk_forward` w.r.t. q, k, v, recomputing the probabilities."""
-  logits, visible = _chunk_logits(q, k, q_pos, k_pos, k_valid, causal, shared_qk)
+def _chunk_backward(q, kv, q_pos, k_info, out, lse, dout, dlse, causal, shared_qk):
+  """Gradients of `_chunk_forward` w.r.t. q and kv, recomputing the probabilities."""
+  k, v = kv[..., :q.shape[-1]], kv[..., q.shape[-1]:]
+  logits, visible = _chunk_logits(q, k, q_pos, k_info, causal, shared_qk)
   probs = jnp.exp(logits - lse[..., None])
   dout = jnp.where((lse > _NO_KEY_THRESHOLD)[..., None], dout, 0).astype(v.dtype)
   dv = jnp.einsum('gqk,gqd->gkd', probs.astype(v.dtype), dout, preferred_element_type=jnp.float32)
@@ -173,26 +175,55 @@ def _chunk_backward(q, k, v, q_pos, k_pos, k_valid, out, lse, dout, dlse, causal
   dlogits = jnp.where(visible, probs * (dprobs - delta + dlse[..., None]), 0.0).astype(q.dtype)
   dq = jnp.einsum('gqk,gkd->gqd', dlogits, k, preferred_element_type=jnp.float32)
   dk = jnp.einsum('gqk,gqd->gkd', dlogits, q, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), dk, dv
+  return dq.astype(q.dtype), jnp.concatenate([dk, dv], axis=-1)
 
 
-class _Windows:
-  """Key chunks seen by groups of consecutive query chunks, within each ring.
+def _largest_divisor(n: int, at_most: int) -> int:
+  """The largest divisor of n that is at most `at_most` (and at least 1)."""
+  divisor = max(1, min(n, at_most))
+  while n % divisor:
+    divisor -= 1
+  return divisor
 
-  Query chunk c sees key chunks c - 1 (`before`), c and c + 1 (`after`), wrapping
-  around within its ring (one hash round of one batch row and head). Keys are
-  padded by one chunk on each side that is seen, so a group of `group` query
-  chunks reads one contiguous slice of `group + before + after` key chunks.
+
+class _Steps:
+  """How the chunk loop walks the sorted chunks, and the key windows of each step.
+
+  A ring is one hash round of one batch row and head. Each step takes `group`
+  consecutive query chunks of `ring_block` rings (about `rows_per_step` queries;
+  one step, without a loop, when everything fits). Query chunk c sees key
+  chunks c - 1 (`before`), c and c + 1 (`after`), wrapping around within its
+  ring, so keys are padded by one wrapped chunk on each side that is seen and a
+  step reads one contiguous slice of `span = group + before + after` key chunks.
   """
 
-  def __init__(self, rings: int, chunks: int, group: int, causal: bool):
+  def __init__(self, rings: int, chunks: int, chunk: int, rows_per_step: int, causal: bool):
+    self.rings = rings
     self.chunks = chunks
-    self.group = group
-    self.groups_per_ring = chunks // group
-    self.steps = rings * self.groups_per_ring
+    if chunks * chunk >= rows_per_step:
+      self.ring_block = 1
+      self.group = _largest_divisor(chunks, rows_per_step // chunk)
+    else:
+      self.ring_block = _largest_divisor(rings, rows_per_step // (chunks * chunk))
+      self.group = chunks
+    self.groups_per_ring = chunks // self.group
+    self.count = rings // self.ring_block * self.groups_per_ring
     self.before = int(chunks > 1)
     self.after = int(not causal and chunks > 2)
     self.width = self.before + 1 + self.after
+    self.span = self.group + self.width - 1
+
+  def split(self, x):
+    """`[rings, chunks, ...]` -> `[count, ring_block * group, ...]`, step-major."""
+    x = x.reshape((-1, self.ring_block, self.groups_per_ring, self.group) + x.shape[2:])
+    x = jnp.swapaxes(x, 1, 2)
+    return x.reshape((self.count, self.ring_block * self.group) + x.shape[4:])
+
+  def merge(self, x):
+    """Inverse of `split`."""
+    x = x.reshape((-1, self.groups_per_ring, self.ring_block, self.group) + x.shape[2:])
+    x = jnp.swapaxes(x, 1, 2)
+    return x.reshape((self.rings, self.chunks) + x.shape[4:])
 
   def pad(self, x):
     """`[rings, chunks, chunk, ...]` with its wrapped neighbour chunks added."""
@@ -200,111 +231,98 @@ class _Windows:
     return jnp.concatenate(parts, axis=1)
 
   def read(self, padded, step):
-    """Key windows `[group, width * chunk, ...]` of the query chunks of `step`."""
-    ring = step // self.groups_per_ring
-    first = (step % self.groups_per_ring) * self.group
-    span = self.group + self.width - 1
-    block = jax.lax.dynamic_slice_in_dim(padded[ring], first, span, axis=0)
-    return jnp.concatenate([block[w:w + self.group] for w in range(self.width)], axis=1)
+    """Key windows `[ring_block * group, width * chunk, ...]` of the query chunks of `step`."""
+    first_ring = step // self.groups_per_ring * self.ring_block
+    first_chunk = step % self.groups_per_ring * self.group
+    starts = (first_ring, first_chunk) + (0,) * (padded.ndim - 2)
+    sizes = (self.ring_block, self.span) + padded.shape[2:]
+    block = jax.lax.dynamic_slice(padded, starts, sizes)
+    windows = jnp.concatenate([block[:, w:w + self.group] for w in range(self.width)], axis=2)
+    return windows.reshape((-1,) + windows.shape[2:])
 
   def fold(self, window_grad):
-    """Per-step window gradient `[group, width * chunk, d]` -> `[span, chunk, d]` by key chunk."""
-    grad = window_grad.reshape((self.group, self.width, -1) + window_grad.shape[2:])
-    span = self.group + self.width - 1
-    return sum(jnp.pad(grad[:, w], [(w, span - self.group - w)] + [(0, 0)] * (grad.ndim - 2))
+    """A step's window gradient -> `[ring_block, span, chunk, d]`, summed by key chunk."""
+    grad = window_grad.reshape((self.ring_block, self.group, self.width, -1)
+                               + window_grad.shape[2:])
+    return sum(jnp.pad(grad[:, :, w], [(0, 0), (w, self.span - self.group - w), (0, 0), (0, 0)])
                for w in range(self.width))
 
-  def gather_folded(self, folded):
-    """Stacked `fold` outputs `[steps, span, chunk, d]` -> gradient `[rings, chunks, chunk, d]`."""
+  def unfold(self, folded):
+    """Stacked `fold` outputs `[count, ring_block, span, chunk, d]` -> `[rings, chunks, chunk, d]`."""
     folded = folded.reshape((-1, self.groups_per_ring) + folded.shape[1:])
-    grad = folded[:, :, self.before:self.before + self.group]
+    grad = folded[:, :, :, self.before:self.before + self.group]
     if self.before:
-      # Slot 0 of a step holds the chunk before its group: the previous group's last.
-      grad = grad.at[:, :, -1].add(jnp.roll(folded[:, :, 0], -1, axis=1))
+      # Slot 0 of a step is the chunk before its group: the previous group's last.
+      grad = grad.at[:, :, :, -1].add(jnp.roll(folded[:, :, :, 0], -1, axis=1))
     if self.after:
-      # The last slot holds the chunk after the group: the next group's first.
-      grad = grad.at[:, :, 0].add(jnp.roll(folded[:, :, -1], 1, axis=1))
-    return grad.reshape((-1, self.chunks) + grad.shape[3:])
+      # The last slot is the chunk after the group: the next group's first.
+      grad = grad.at[:, :, :, 0].add(jnp.roll(folded[:, :, :, -1], 1, axis=1))
+    grad = jnp.swapaxes(grad, 1, 2)
+    return grad.reshape((self.rings, self.chunks) + grad.shape[4:])
+
+  def map(self, step, inputs):
+    """`step((*inputs_of_step, step_index))` over all steps, outputs stacked."""
+    if self.count == 1:
+      outputs = step(tuple(x[0] for x in inputs) + (0,))
+      return jax.tree.map(lambda x: x[None], outputs)
+    return jax.lax.map(step, tuple(inputs) + (jnp.arange(self.count),))
 
 
-def _in_steps(x, windows):
-  """`[rings, chunks, ...]` -> `[steps, group, ...]`."""
-  return x.reshape((windows.steps, windows.group) + x.shape[2:])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _chunked_attention(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk, group):
-  """Attention of each query chunk to its window of key chunks, `group` chunks per step.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
+  """Attention of each query chunk to its window of key chunks, in steps.
 
   Args:
     q: `[rings, chunks, q_chunk, d]` sorted, pre-scaled queries.
-    k: `[rings, chunks, kv_chunk, d]` sorted keys.
-    v: `[rings, chunks, kv_chunk, dv]` sorted values.
+    kv: `[rings, chunks, kv_chunk, d + dv]` sorted keys and values, concatenated.
     q_pos: int `[rings, chunks, q_chunk]` original positions of the queries.
-    k_pos: int `[rings, chunks, kv_chunk]` original positions of the keys.
-    k_valid: bool `[rings, chunks, kv_chunk]`, False for padding keys.
-    causal, shared_qk: see `lsh_attention`.
-    group: query chunks per loop step (divides chunks).
+    k_info: int `[rings, chunks, kv_chunk]` original positions of the keys, -1
+      for padding keys.
+    causal, shared_qk, rows_per_step: see `lsh_attention`.
 
   Returns:
     (out `[rings, chunks, q_chunk, dv]`, lse float32 `[rings, chunks, q_chunk]`).
   """
-  out, lse = _chunked_attention_fwd(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk, group)[0]
-  return out, lse
+  return _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step)[0]
 
 
-def _chunked_attention_fwd(q, k, v, q_pos, k_pos, k_valid, causal, shared_qk, group):
-  windows = _Windows(q.shape[0], q.shape[1], group, causal)
-  keys = tuple(windows.pad(x) for x in (k, v, k_pos, k_valid))
+def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
+  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, causal)
+  keys = steps.pad(kv), steps.pad(k_info)
 
   def step(inputs):
-    q_group, q_pos_group, index = inputs
-    k_win, v_win, k_pos_win, k_valid_win = (windows.read(x, index) for x in keys)
-    return _chunk_forward(q_group, k_win, v_win, q_pos_group, k_pos_win, k_valid_win,
-                          causal, shared_qk)
+    q_step, q_pos_step, index = inputs
+    kv_win, k_info_win = (steps.read(x, index) for x in keys)
+    return _chunk_forward(q_step, kv_win, q_pos_step, k_info_win, causal, shared_qk)
 
-  out, lse = jax.lax.map(step, (_in_steps(q, windows), _in_steps(q_pos, windows),
-                                jnp.arange(windows.steps)))
-  out = out.reshape(q.shape[:3] + v.shape[3:])
-  lse = lse.reshape(q.shape[:3])
+  out, lse = steps.map(step, (steps.split(q), steps.split(q_pos)))
+  out, lse = steps.merge(out), steps.merge(lse)
   return (out, lse), (q, q_pos, keys, out, lse)
 
 
-def _chunked_attention_bwd(causal, shared_qk, group, residuals, cotangents):
+def _chunked_attention_bwd(causal, shared_qk, rows_per_step, residuals, cotangents):
   q, q_pos, keys, out, lse = residuals
-  dout, dlse = cotangents
-  windows = _Windows(q.shape[0], q.shape[1], group, causal)
+  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, causal)
 
   def step(inputs):
-    q_group, q_pos_group, out_group, lse_group, dout_group, dlse_group, index = inputs
-    k_win, v_win, k_pos_win, k_valid_win = (windows.read(x, index) for x in keys)
-    dq, dk, dv = _chunk_backward(q_group, k_win, v_win, q_pos_group, k_pos_win, k_valid_win,
-                                 out_group, lse_group, dout_group, dlse_group, causal, shared_qk)
-    return dq, windows.fold(dk), windows.fold(dv)
+    *per_query, index = inputs
+    kv_win, k_info_win = (steps.read(x, index) for x in keys)
+    q_step, q_pos_step, out_step, lse_step, dout_step, dlse_step = per_query
+    dq, dkv = _chunk_backward(q_step, kv_win, q_pos_step, k_info_win, out_step, lse_step,
+                              dout_step, dlse_step, causal, shared_qk)
+    return dq, steps.fold(dkv)
 
-  inputs = tuple(_in_steps(x, windows) for x in (q, q_pos, out, lse, dout, dlse))
-  dq, dk, dv = jax.lax.map(step, inputs + (jnp.arange(windows.steps),))
-  k_padded, v_padded = keys[0], keys[1]
-  dk = windows.gather_folded(dk).astype(k_padded.dtype)
-  dv = windows.gather_folded(dv).astype(v_padded.dtype)
-  return dq.reshape(q.shape), dk, dv, None, None, None
+  dq, dkv = steps.map(step, [steps.split(x) for x in (q, q_pos, out, lse) + tuple(cotangents)])
+  return steps.merge(dq), steps.unfold(dkv).astype(keys[0].dtype), None, None
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
-def _group_size(chunks: int, chunk: int) -> int:
-  """Chunks per loop step: the largest divisor of `chunks` with at most _GROUP_ROWS rows."""
-  group = max(1, min(chunks, _GROUP_ROWS // chunk))
-  while chunks % group:
-    group -= 1
-  return group
-
-
 def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array,
                   mask: jax.Array | None = None, causal: bool = False,
                   chunk_len: int = 128, shared_qk: bool = True,
-                  scale: float | None = None) -> jax.Array:
+                  scale: float | None = None, rows_per_step: int = 1024) -> jax.Array:
   """LSH attention (Kitaev et al. 2020) with the given random rotations.
 
   Args:
@@ -321,6 +339,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     shared_qk: keys are the unit-normalised queries and a token attends to
       itself only when it has no other visible key (needs q_len == kv_len).
     scale: logit scale, default 1/sqrt(head_dim).
+    rows_per_step: about how many sorted queries one step of the chunk loop
+      handles; larger steps use more memory.
 
   Returns:
     `[batch, q_len, heads, value_dim]` in the dtype of q; zeros for queries that
@@ -362,38 +382,40 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
 
   key_valid = base.key_mask_or_ones(mask, batch, kv_len)
   q_rows = to_rows(q, q_chunk)
+  v_rows = to_rows(v.astype(q.dtype), kv_chunk)
   if shared_qk:
-    # Keys are the queries: one sort for both, padding keys last.
+    # Keys are the unit-normalised queries: one sort for both, padding keys last.
     q_order, q_inverse, k_valid = sort_tokens(q_rows, key_valid)
     k_order = q_order
-    q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
+    qv_sorted = _take_rows(flat(jnp.concatenate([q_rows, v_rows], -1)), q_order, q_inverse)
+    q_sorted, v_sorted = qv_sorted[..., :head_dim], qv_sorted[..., head_dim:]
     norm_sq = jnp.sum(jnp.square(q_sorted.astype(jnp.float32)), axis=-1, keepdims=True)
     k_sorted = (q_sorted * jax.lax.rsqrt(norm_sq + 1e-12)).astype(q.dtype)
-    v_sorted = _take_rows(flat(to_rows(v, kv_chunk)), q_order, q_inverse)
+    kv_sorted = jnp.concatenate([k_sorted, v_sorted], axis=-1)
   else:
     q_order, q_inverse, _ = sort_tokens(q_rows, jnp.ones((batch, q_len), bool))
     q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
     k_rows = to_rows(k, kv_chunk)
     k_order, k_inverse, k_valid = sort_tokens(k_rows, key_valid)
-    k_sorted = _take_rows(flat(k_rows), k_order, k_inverse)
-    v_sorted = _take_rows(flat(to_rows(v, kv_chunk)), k_order, k_inverse)
+    kv_sorted = _take_rows(flat(jnp.concatenate([k_rows, v_rows], -1)), k_order, k_inverse)
 
   def in_chunks(x):
     """Sorted `[batch * heads, n_hashes, padded_len, ...]` -> `[rings, chunks, chunk, ...]`."""
     return x.reshape((rings, chunks, -1) + x.shape[3:])
 
-  q_scaled = q_sorted * jnp.asarray(scale, q.dtype)
   out, lse = _chunked_attention(
-      in_chunks(q_scaled), in_chunks(k_sorted), in_chunks(v_sorted),
-      in_chunks(q_order), in_chunks(k_order), in_chunks(k_valid),
-      causal, shared_qk, _group_size(chunks, q_chunk))
-  # Back to the original order; round r's sorted row i holds position q_order[i].
-  out = _take_rows(out.reshape(batch * heads, n_hashes, chunks * q_chunk, -1), q_inverse, q_order)
-  lse = _take_rows(lse.reshape(batch * heads, n_hashes, chunks * q_chunk, 1), q_inverse, q_order)
+      in_chunks(q_sorted * jnp.asarray(scale, q.dtype)), in_chunks(kv_sorted),
+      in_chunks(q_order), in_chunks(jnp.where(k_valid, k_order, -1)),
+      causal, shared_qk, rows_per_step)
+  # Back to the original order (round r's sorted row i is position q_order[i]),
+  # outputs and their lse in one gather.
+  out_lse = jnp.concatenate([out.astype(jnp.float32), lse[..., None]], axis=-1)
+  out_lse = _take_rows(out_lse.reshape(batch * heads, n_hashes, chunks * q_chunk, -1),
+                       q_inverse, q_order)[:, :, :q_len]
+  out, lse = out_lse[..., :-1], out_lse[..., -1:]
   # Rounds weighted by their share of the total softmax mass (Section 2,
   # "Multi-round LSH attention"; trax): a softmax over the per-round lse.
-  weights = jax.nn.softmax(lse[:, :, :q_len], axis=1)
-  out = jnp.sum(out[:, :, :q_len].astype(jnp.float32) * weights, axis=1)
+  out = jnp.sum(out * jax.nn.softmax(lse, axis=1), axis=1)
   out = out.reshape(batch, heads, q_len, -1).transpose(0, 2, 1, 3)
   return out.astype(q.dtype)
 
