@@ -164,3 +164,15 @@ def key_mask_or_ones(mask: jax.Array | None, batch: int, kv_len: int) -> jax.Arr
   if mask is None:
     return jnp.ones((batch, kv_len), dtype=bool)
   return mask
+
+
+def to_blocks(x: jax.Array, block: int) -> jax.Array:
+  """`[batch, len, heads, dim]` -> `[len // block, batch, heads, block, dim]`."""
+  b, n, h, d = x.shape
+  return x.reshape(b, n // block, block, h, d).transpose(1, 0, 3, 2, 4)
+
+
+def from_blocks(x: jax.Array) -> jax.Array:
+  """Inverse of `to_blocks`."""
+  nb, b, h, block, d = x.shape
+  return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, h, d)

@@ -19,18 +19,6 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _to_blocks(x: jax.Array, block: int) -> jax.Array:
-  """`[batch, len, heads, dim]` -> `[len // block, batch, heads, block, dim]`."""
-  b, n, h, d = x.shape
-  return x.reshape(b, n // block, block, h, d).transpose(1, 0, 3, 2, 4)
-
-
-def _from_blocks(x: jax.Array) -> jax.Array:
-  """Inverse of `_to_blocks`."""
-  nb, b, h, block, d = x.shape
-  return x.transpose(1, 0, 3, 2, 4).reshape(b, nb * block, h, d)
-
-
 def _causal_bias(i, j, q_block: int, kv_block: int) -> jax.Array:
   """Bias `[q_block, kv_block]` hiding keys after each query in block pair (i, j)."""
   rows = i * q_block + jnp.arange(q_block)[:, None]

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_attn.attention import base
-from efficient_attn.attention.blocked import _from_blocks, _to_blocks
 
 KERNELS = ('softmax', 'relu')
 REDRAW_POLICIES = ('fixed', 'every_call')
@@ -220,9 +219,9 @@ def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Arra
   data_scale = jnp.asarray(head_dim**-0.25, q.dtype)
   # A column of ones after v makes the normaliser D the last output column.
   v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-  q_blocks = _to_blocks(base.pad_axis(q * data_scale, 1, q_block), q_block)
-  k_blocks = _to_blocks(base.pad_axis(k * data_scale, 1, kv_block), kv_block)
-  v_blocks = _to_blocks(base.pad_axis(v, 1, kv_block), kv_block)
+  q_blocks = base.to_blocks(base.pad_axis(q * data_scale, 1, q_block), q_block)
+  k_blocks = base.to_blocks(base.pad_axis(k * data_scale, 1, kv_block), kv_block)
+  v_blocks = base.to_blocks(base.pad_axis(v, 1, kv_block), kv_block)
   valid_blocks = _mask_blocks(key_mask, kv_block)
   key_shift = _key_shift(k_blocks, valid_blocks, features) if kernel == 'softmax' else None
 
@@ -240,7 +239,7 @@ def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Arra
     has_key = key_mask.any(axis=1)[:, None, None, None]
     out = _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, has_key,
                          query_features, key_features, features.shape[0])
-  return _from_blocks(out)[:, :q_len]
+  return base.from_blocks(out)[:, :q_len]
 
 
 @base.register_attention('performer')
