@@ -58,15 +58,21 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
 
 
-def text_qkv(length: int, seed: int):
-  """q, k, v from a random-init attention layer on real text."""
+def text_qkv(length: int, seed: int, logit_std: float = 2.0):
+  """q, k, v from a random-init attention layer on real text.
+
+  q and k are rescaled so that the attention logits q.k / sqrt(d) have standard
+  deviation `logit_std`, about that of a trained layer.
+  """
   rngs = nnx.Rngs(seed)
   embed = nnx.Embed(256, MODEL_DIM, rngs=rngs)
   mha = ea.MultiHeadAttention(num_heads=HEADS, in_features=MODEL_DIM, rngs=rngs)
   tokens = jnp.asarray(text_bytes(length, seed))[None]
   x = embed(tokens) + sinusoidal_positions(length, MODEL_DIM)[None]
-  # Scaled so that logits spread like those of a trained layer (std about 2).
-  return 2.0 * mha.query(x), 2.0 * mha.key(x), mha.value(x)
+  q, k, v = mha.query(x), mha.key(x), mha.value(x)
+  sample = jnp.einsum('bqhd,bkhd->bhqk', q[:, :256], k[:, :256]) / np.sqrt(HEAD_DIM)
+  factor = jnp.sqrt(logit_std / jnp.std(sample))
+  return factor * q, factor * k, v
 
 
 def noise_qkv(length: int, seed: int):
@@ -112,7 +118,8 @@ def write_results(rows: list[dict], length: int, seeds: int, out_stem: str) -> N
            f'Command: `python experiments/approximation.py --length {length} --seeds {seeds}`', '',
            f'Length {length}, {HEADS} heads, head_dim {HEAD_DIM}, batch 1, mean over {seeds} '
            'seeds of ||Y - Y_exact|| / ||Y_exact||. "text": q, k, v from a random-init '
-           'attention layer on Python source bytes; "noise": standard normal q, k, v. '
+           'attention layer on Python source bytes, logits rescaled to standard deviation 2; '
+           '"noise": standard normal q, k, v (logit standard deviation 1). '
            'Linformer projections are at their initialisation (untrained).', '',
            '| input | attention | options | budget | error |', '|---|---|---|---|---|']
   for row in rows:

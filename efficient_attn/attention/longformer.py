@@ -10,22 +10,24 @@ Which keys a query sees (`window` = w, `dilation` = r):
   keys at or before it.
 - padding keys (`mask` False) are never seen, also when they are global.
 
-Computation, with no `len x len` array anywhere (forward or backward):
+How it is computed, with no `len x len` array anywhere (forward or backward):
 - band: with dilation r the sequence splits into r interleaved subsequences
   (positions with the same remainder mod r), each an undilated sliding window
   of width w; a reshape puts the remainder next to the heads axis. Queries are
-  cut into blocks of `block` rows; each block attends to a strip of whole key
-  blocks covering its window (neighbours on both sides, or only before it when
-  causal), with the exact window applied by a fixed `[block, strip]` mask.
-- global keys: the first `max_global` global tokens of each row (picked by
-  top_k) are gathered; every query scores them in an extra `[block, max_global]`
-  block, hiding those already in its window so that no key counts twice. One
-  softmax (shared max and normaliser, float32) covers both parts.
+  cut into blocks of `block` rows and each block attends to the strip of key
+  blocks that covers its window (neighbours on both sides, or only before it
+  when causal), with the exact window applied by a fixed `[block, strip]` mask.
+  A loop over query blocks with its own backward pass (FlashAttention-2 style,
+  probabilities recomputed from the saved log-sum-exp) keeps one block's scores
+  in memory at a time.
+- global keys: the first `max_global` global tokens of each row (by top_k) are
+  scored by every query in an extra `[len, max_global]` block, hiding those
+  already in the query's window so that no key counts twice; the band's
+  log-sum-exp merges both parts into one softmax.
 - global queries: full rows `[max_global, len]` replace their windowed outputs.
-The band loops over query blocks with its own backward pass (FlashAttention
-style: probabilities are recomputed from the saved log-sum-exp), so time is
-O(len * (strip + max_global)) and memory O(len + block * strip), with
-strip = block * (1 + 2 * ceil(window / block)).
+Time is O(len * (strip + max_global)) and memory O(len * max_global) on top of
+the inputs, with strip = block * (1 + 2 * ceil(window / block)) keys (half the
+neighbours when causal). Softmax statistics are float32.
 """
 
 import functools
@@ -59,19 +61,6 @@ def _from_band_layout(x: jax.Array) -> jax.Array:
   return x.transpose(0, 3, 4, 1, 2, 5).reshape(batch, blocks * block * dilation, heads, dim)
 
 
-def _strip(x: jax.Array, first: jax.Array, width: int) -> jax.Array:
-  """Blocks `first .. first + width - 1` of `[b, r, h, blocks, block, d]` as `[b, r, h, width * block, d]`."""
-  strip = jax.lax.dynamic_slice_in_dim(x, first, width, axis=3)
-  return strip.reshape(*x.shape[:3], width * x.shape[4], *x.shape[5:])
-
-
-def _add_strip(x: jax.Array, first: jax.Array, strip: jax.Array) -> jax.Array:
-  """Adds `strip` `[b, r, h, width * block, d]` to blocks `first ..` of `x` `[b, r, h, blocks, block, d]`."""
-  strip = strip.reshape(*x.shape[:3], -1, *x.shape[4:])
-  current = jax.lax.dynamic_slice_in_dim(x, first, strip.shape[3], axis=3)
-  return jax.lax.dynamic_update_slice_in_dim(x, current + strip, first, axis=3)
-
-
 def _window_mask(block: int, before: int, after: int, window: int, causal: bool) -> np.ndarray:
   """Bool `[block, strip]`: may row a of a query block see column t of its key strip."""
   rows = np.arange(block)[:, None]
@@ -100,22 +89,29 @@ class _Band:
     return isinstance(other, _Band) and self.key == other.key
 
 
-def _exp_scores(score_parts: list[jax.Array]):
-  """Unnormalised softmax over keys split into parts; float32 statistics.
+def _strip(x: jax.Array, first: jax.Array, width: int) -> jax.Array:
+  """Blocks `first .. first + width - 1` of `[b, r, h, blocks, block, d]` as `[b, r, h, width * block, d]`."""
+  strip = jax.lax.dynamic_slice_in_dim(x, first, width, axis=3)
+  return strip.reshape(*x.shape[:3], width * x.shape[4], *x.shape[5:])
 
-  Args:
-    score_parts: float32 scores `[..., keys_i]`, hidden keys at `base.MASK_VALUE`.
 
-  Returns:
-    (exp(scores - row max) per part, the joint normaliser `[...]`, the row max
-    `[...]`, which is at most MASK_VALUE / 2 exactly when a row sees no key).
+def _add_strip(x: jax.Array, first: jax.Array, strip: jax.Array) -> jax.Array:
+  """Adds `strip` `[b, r, h, width * block, d]` to blocks `first ..` of `x` `[b, r, h, blocks, block, d]`."""
+  strip = strip.reshape(*x.shape[:3], -1, *x.shape[4:])
+  current = jax.lax.dynamic_slice_in_dim(x, first, strip.shape[3], axis=3)
+  return jax.lax.dynamic_update_slice_in_dim(x, current + strip, first, axis=3)
+
+
+def _softmax_parts(scores: jax.Array):
+  """exp(scores - row max), its row sum and the row max, float32.
+
+  Hidden keys are at MASK_VALUE; a row max at or below MASK_VALUE / 2 means the
+  row sees no key.
   """
   # The max only stabilises exp(); it cancels in the result, so no gradient.
-  row_max = jax.lax.stop_gradient(
-      functools.reduce(jnp.maximum, [s.max(-1) for s in score_parts]))
-  probs = [jnp.exp(s - row_max[..., None]) for s in score_parts]
-  total = sum(p.sum(-1) for p in probs)
-  return probs, total, row_max
+  row_max = jax.lax.stop_gradient(scores.max(-1))
+  probs = jnp.exp(scores - row_max[..., None])
+  return probs, probs.sum(-1), row_max
 
 
 def _normalise(out: jax.Array, total: jax.Array, row_max: jax.Array) -> jax.Array:
@@ -123,52 +119,35 @@ def _normalise(out: jax.Array, total: jax.Array, row_max: jax.Array) -> jax.Arra
   return jnp.where(row_max[..., None] > base.MASK_VALUE / 2, out / total[..., None], 0.0)
 
 
-def _block_inputs(band, i, q, k, v, valid):
-  """Query block i `[b, r, h, block, d]` with its key and value strips and visibility."""
+def _block_scores(band, i, q, k, valid):
+  """Query block i `[b, r, h, block, d]` and its masked float32 scores over its key strip."""
   q_i = jax.lax.dynamic_index_in_dim(q, i, axis=3, keepdims=False)
-  k_strip, v_strip = _strip(k, i, band.width), _strip(v, i, band.width)
+  scores = jnp.einsum('brhqd,brhkd->brhqk', q_i, _strip(k, i, band.width),
+                      preferred_element_type=jnp.float32)
   visible = _strip(valid[..., None], i, band.width)[..., None, :, 0] & band.window_mask
-  return q_i, k_strip, v_strip, visible
+  return q_i, jnp.where(visible, scores, base.MASK_VALUE)
 
 
-def _block_scores(q_i, k_strip, visible, global_k, global_seen):
-  """Masked float32 scores `[b, r, h, block, keys]` of one query block: band part, global part."""
-  scores = jnp.einsum('brhqd,brhkd->brhqk', q_i, k_strip, preferred_element_type=jnp.float32)
-  parts = [jnp.where(visible, scores, base.MASK_VALUE)]
-  if global_k.shape[1]:
-    global_scores = jnp.einsum('brhqd,bghd->brhqg', q_i, global_k,
-                               preferred_element_type=jnp.float32)
-    parts.append(jnp.where(global_seen, global_scores, base.MASK_VALUE))
-  return parts
+def _band_forward(q, k, v, valid, band):
+  """Outputs and log-sum-exp of `_band_core`."""
 
-
-def _band_forward(q, k, v, valid, global_k, global_v, global_seen, band):
-  """Forward of `_band_core`; also returns the log-sum-exp `[blocks, b, r, h, block]`."""
-
-  def one_block(out, args):
-    i, seen_i = args
-    q_i, k_strip, v_strip, visible = _block_inputs(band, i, q, k, v, valid)
-    parts = _block_scores(q_i, k_strip, visible, global_k, seen_i)
-    probs, total, row_max = _exp_scores(parts)
-    out_i = jnp.einsum('brhqk,brhkd->brhqd', probs[0].astype(v.dtype), v_strip,
+  def one_block(out, i):
+    _, scores = _block_scores(band, i, q, k, valid)
+    probs, total, row_max = _softmax_parts(scores)
+    out_i = jnp.einsum('brhqk,brhkd->brhqd', probs.astype(v.dtype), _strip(v, i, band.width),
                        preferred_element_type=jnp.float32)
-    if global_k.shape[1]:
-      out_i += jnp.einsum('brhqg,bghd->brhqd', probs[1].astype(v.dtype), global_v,
-                          preferred_element_type=jnp.float32)
     out_i = _normalise(out_i, total, row_max).astype(q.dtype)
-    out = jax.lax.dynamic_update_index_in_dim(out, out_i, i, axis=3)
-    # Rows that see no key get lse +inf, so that the backward pass recomputes
-    # probabilities of exactly 0.
-    lse = jnp.where(row_max > base.MASK_VALUE / 2, row_max + jnp.log(total), jnp.inf)
-    return out, lse
+    lse = jnp.where(row_max > base.MASK_VALUE / 2, row_max + jnp.log(total), base.MASK_VALUE)
+    return jax.lax.dynamic_update_index_in_dim(out, out_i, i, axis=3), lse
 
   out = jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
-  return jax.lax.scan(one_block, out, (jnp.arange(q.shape[3]), global_seen))
+  out, lse = jax.lax.scan(one_block, out, jnp.arange(q.shape[3]))
+  return out, jnp.moveaxis(lse, 0, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _band_core(q, k, v, valid, global_k, global_v, global_seen, band):
-  """Windowed attention of every query block plus the global keys.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _band_core(q, k, v, valid, band):
+  """Windowed attention of every query block over its strip of key blocks.
 
   Args:
     q: pre-scaled queries `[batch, r, heads, blocks, block, head_dim]`.
@@ -176,111 +155,122 @@ def _band_core(q, k, v, valid, global_k, global_v, global_seen, band):
       padded with `band.before` blocks in front and `band.after` behind.
     v: values, padded like k.
     valid: bool `[batch, r, 1, before + blocks + after, block]`, real keys.
-    global_k: `[batch, slots, heads, head_dim]` (slots may be 0).
-    global_v: `[batch, slots, heads, value_dim]`.
-    global_seen: bool `[blocks, batch, r, 1, block, slots]`, may a query see
-      a global key outside its window.
     band: static block and strip shape.
 
   Returns:
-    `[batch, r, heads, blocks, block, value_dim]` in the dtype of q.
+    Outputs `[batch, r, heads, blocks, block, value_dim]` in the dtype of q, and
+    the float32 log-sum-exp of the scores `[batch, r, heads, blocks, block]`
+    (MASK_VALUE for queries that see no key).
   """
-  out, _ = _band_forward(q, k, v, valid, global_k, global_v, global_seen, band)
-  return out
+  return _band_forward(q, k, v, valid, band)
 
 
-def _band_core_fwd(q, k, v, valid, global_k, global_v, global_seen, band):
-  out, lse = _band_forward(q, k, v, valid, global_k, global_v, global_seen, band)
-  return out, (q, k, v, valid, global_k, global_v, global_seen, out, lse)
+def _band_core_fwd(q, k, v, valid, band):
+  out, lse = _band_forward(q, k, v, valid, band)
+  return (out, lse), (q, k, v, valid, out, lse)
 
 
-def _band_core_bwd(band, residuals, dout):
+def _band_core_bwd(band, residuals, cotangents):
   """FlashAttention-2 backward (Dao 2023, Algorithm 2), one query block at a time."""
-  q, k, v, valid, global_k, global_v, global_seen, out, lse = residuals
+  q, k, v, valid, out, lse = residuals
+  dout, dlse = cotangents
+  # Queries that see no key: lse +inf makes the recomputed probabilities exactly 0.
+  lse = jnp.where(lse > base.MASK_VALUE / 2, lse, jnp.inf)
+  # dL/ds = p * (dp - D + dlse), with D = rowsum(dO * O) and d lse / ds = p.
+  delta = jnp.einsum('brhnqd,brhnqd->brhnq', dout.astype(jnp.float32),
+                     out.astype(jnp.float32)) - dlse
 
-  def one_block(carry, args):
-    dq, dk, dv, dk_global, dv_global = carry
-    i, lse_i, seen_i = args
-    q_i, k_strip, v_strip, visible = _block_inputs(band, i, q, k, v, valid)
-    dout_i = jax.lax.dynamic_index_in_dim(dout, i, axis=3, keepdims=False)
-    out_i = jax.lax.dynamic_index_in_dim(out, i, axis=3, keepdims=False)
-    # D = rowsum(dO * O).
-    delta = jnp.einsum('brhqd,brhqd->brhq', dout_i.astype(jnp.float32),
-                       out_i.astype(jnp.float32))[..., None]
-    parts = _block_scores(q_i, k_strip, visible, global_k, seen_i)
-    probs = [jnp.exp(s - lse_i[..., None]) for s in parts]
-
+  def one_block(carry, i):
+    dq, dk, dv = carry
+    q_i, scores = _block_scores(band, i, q, k, valid)
+    index = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=3, keepdims=False)
+    dout_i = index(dout)
+    probs = jnp.exp(scores - index(lse)[..., None])
+    k_strip, v_strip = _strip(k, i, band.width), _strip(v, i, band.width)
     dp = jnp.einsum('brhqd,brhkd->brhqk', dout_i, v_strip, preferred_element_type=jnp.float32)
-    ds = (probs[0] * (dp - delta)).astype(q.dtype)
+    ds = (probs * (dp - index(delta)[..., None])).astype(q.dtype)
     dq_i = jnp.einsum('brhqk,brhkd->brhqd', ds, k_strip, preferred_element_type=jnp.float32)
-    dk = _add_strip(dk, i, jnp.einsum('brhqk,brhqd->brhkd', ds, q_i,
-                                      preferred_element_type=jnp.float32))
-    dv = _add_strip(dv, i, jnp.einsum('brhqk,brhqd->brhkd', probs[0].astype(v.dtype), dout_i,
-                                      preferred_element_type=jnp.float32))
-    if global_k.shape[1]:
-      dp = jnp.einsum('brhqd,bghd->brhqg', dout_i, global_v, preferred_element_type=jnp.float32)
-      ds = (probs[1] * (dp - delta)).astype(q.dtype)
-      dq_i += jnp.einsum('brhqg,bghd->brhqd', ds, global_k, preferred_element_type=jnp.float32)
-      dk_global += jnp.einsum('brhqg,brhqd->bghd', ds, q_i, preferred_element_type=jnp.float32)
-      dv_global += jnp.einsum('brhqg,brhqd->bghd', probs[1].astype(v.dtype), dout_i,
-                              preferred_element_type=jnp.float32)
+    dk_strip = jnp.einsum('brhqk,brhqd->brhkd', ds, q_i, preferred_element_type=jnp.float32)
+    dv_strip = jnp.einsum('brhqk,brhqd->brhkd', probs.astype(v.dtype), dout_i,
+                          preferred_element_type=jnp.float32)
     dq = jax.lax.dynamic_update_index_in_dim(dq, dq_i.astype(q.dtype), i, axis=3)
-    return (dq, dk, dv, dk_global, dv_global), None
+    return (dq, _add_strip(dk, i, dk_strip), _add_strip(dv, i, dv_strip)), None
 
-  zeros = lambda x, dtype=jnp.float32: jnp.zeros(x.shape, dtype)
-  init = (zeros(q, q.dtype), zeros(k), zeros(v), zeros(global_k), zeros(global_v))
-  xs = (jnp.arange(q.shape[3]), lse, global_seen)
-  (dq, dk, dv, dk_global, dv_global), _ = jax.lax.scan(one_block, init, xs)
-  return (dq, dk.astype(k.dtype), dv.astype(v.dtype), None,
-          dk_global.astype(global_k.dtype), dv_global.astype(global_v.dtype), None)
+  init = (jnp.zeros_like(q), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  (dq, dk, dv), _ = jax.lax.scan(one_block, init, jnp.arange(q.shape[3]))
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _band_core.defvjp(_band_core_fwd, _band_core_bwd)
 
 
-def select_global(global_mask: jax.Array, max_global: int):
-  """The first `max_global` global positions of each row.
+def global_selector(global_mask: jax.Array, max_global: int) -> jax.Array:
+  """One-hot bool `[batch, slots, len]` of the first `max_global` global tokens of each row.
 
-  Args:
-    global_mask: bool `[batch, len]`.
-    max_global: number of slots.
-
-  Returns:
-    (positions int32 `[batch, slots]`, bool `[batch, slots]` True where the slot
-    holds a global token), slots = min(max_global, len).
+  Slot s of a row holds its s-th global token, or nothing (all False) when the
+  row has fewer; slots = min(max_global, len).
   """
   slots = min(max_global, global_mask.shape[1])
-  # top_k breaks ties by lower index, so global positions come first, in order.
-  found, positions = jax.lax.top_k(global_mask.astype(jnp.int32), slots)
-  return positions, found > 0
+  rank = jnp.cumsum(global_mask, axis=1) - 1
+  return global_mask[:, None, :] & (rank[:, None, :] == np.arange(slots)[:, None])
+
+
+def _add_global_keys(out, lse, q, global_k, global_v, seen):
+  """Merges windowed attention with attention to global keys into one softmax.
+
+  Args:
+    out: windowed outputs `[batch, r, heads, queries, value_dim]`.
+    lse: their log-sum-exp `[batch, r, heads, queries]`, MASK_VALUE if empty.
+    q: pre-scaled queries `[batch, r, heads, queries, head_dim]`.
+    global_k: global keys `[batch, r, heads, slots, head_dim]`.
+    global_v: global values `[batch, r, heads, slots, value_dim]`.
+    seen: bool `[batch, r, 1, queries, slots]`, may the query see the global
+      key (and it is not already in its window).
+
+  Returns:
+    Outputs like `out`.
+  """
+  scores = jnp.einsum('brhqd,brhgd->brhqg', q, global_k, preferred_element_type=jnp.float32)
+  scores = jnp.where(seen, scores, base.MASK_VALUE)
+  row_max = jax.lax.stop_gradient(jnp.maximum(lse, scores.max(-1)))
+  # The window's share of the joint normaliser is exp(lse - row_max).
+  window_total = jnp.exp(lse - row_max)
+  probs = jnp.exp(scores - row_max[..., None])
+  # float32 operands: small, and XLA:CPU has no bfloat16 x bfloat16 -> float32
+  # kernel for this product outside jit.
+  mixed = window_total[..., None] * out.astype(jnp.float32) + jnp.einsum(
+      'brhqg,brhgd->brhqd', probs, global_v.astype(jnp.float32))
+  return _normalise(mixed, window_total + probs.sum(-1), row_max).astype(out.dtype)
 
 
 def _global_rows(q_global, k, v, valid, key_pos, query_pos, causal):
-  """Outputs of global queries over all keys, with keys in band layout.
+  """Outputs of global queries over all keys, with keys in flat band layout.
 
   Args:
-    q_global: pre-scaled global queries `[batch, slots, heads, head_dim]`.
-    k: keys `[batch, r, heads, blocks, block, head_dim]`.
-    v: values `[batch, r, heads, blocks, block, value_dim]`.
-    valid: bool `[batch, r, 1, blocks, block]`, real keys.
-    key_pos: int `[r, blocks, block]`, sequence position of each key.
+    q_global: pre-scaled global queries `[batch, r, heads, slots, head_dim]`
+      (the same for every r).
+    k: keys `[batch, r, heads, keys, head_dim]`.
+    v: values `[batch, r, heads, keys, value_dim]`.
+    valid: bool `[batch, r, 1, 1, keys]`, real keys.
+    key_pos: int `[r, 1, 1, keys]`, sequence position of each key.
     query_pos: int `[batch, slots]`, sequence position of each global query.
     causal: hide keys after the query.
 
   Returns:
     `[batch, slots, heads, value_dim]` in the dtype of q.
   """
-  batch, slots, heads, _ = q_global.shape
-  scores = jnp.einsum('bghd,brhnkd->bhgrnk', q_global, k, preferred_element_type=jnp.float32)
-  visible = valid[:, None, None, :, 0]
+  scores = jnp.einsum('brhgd,brhkd->brhgk', q_global, k, preferred_element_type=jnp.float32)
+  visible = valid
   if causal:
-    visible = visible & (key_pos <= query_pos[:, None, :, None, None, None])
-  scores = jnp.where(visible, scores, base.MASK_VALUE).reshape(batch, heads, slots, -1)
-  (probs,), total, row_max = _exp_scores([scores])
-  rows = jnp.einsum('bhgrnk,brhnkd->bhgd', probs.reshape(*probs.shape[:3], *k.shape[1:2],
-                                                         *k.shape[3:5]).astype(v.dtype), v,
+    visible = visible & (key_pos <= query_pos[:, None, None, :, None])
+  scores = jnp.where(visible, scores, base.MASK_VALUE)
+  # One softmax per global query over the keys of all r subsequences.
+  row_max = jax.lax.stop_gradient(scores.max(axis=(1, 4)))
+  probs = jnp.exp(scores - row_max[:, None, :, :, None])
+  rows = jnp.einsum('brhgk,brhkd->bhgd', probs.astype(v.dtype), v,
                     preferred_element_type=jnp.float32)
-  return _normalise(rows, total, row_max).astype(q_global.dtype).transpose(0, 2, 1, 3)
+  rows = _normalise(rows, probs.sum(axis=(1, 4)), row_max)
+  return rows.astype(q_global.dtype).transpose(0, 2, 1, 3)
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -329,45 +319,46 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   q_band = _to_band_layout(base.pad_axis(q, 1, block * dilation), dilation, block)
   k_band, v_band = key_blocks(k), key_blocks(v)
   valid = key_blocks(key_valid[:, :, None, None], False)[..., 0]
-  blocks = q_band.shape[3]
-  # Sequence position of each query and key in band layout, [r, blocks, block].
-  query_pos = (np.arange(blocks * block).reshape(1, blocks, block) * dilation
-               + np.arange(dilation)[:, None, None])
-  key_pos = (np.arange(-band.before * block, (blocks + band.after) * block).reshape(
-      1, -1, block) * dilation + np.arange(dilation)[:, None, None])
-
+  out, lse = _band_core(q_band, k_band, v_band, valid, band)
   if global_mask is None:
-    positions = jnp.zeros((batch, 0), jnp.int32)
-    global_seen = jnp.zeros((blocks, batch, dilation, 1, block, 0), bool)
+    return _from_band_layout(out)[:, :length]
+
+  selector = global_selector(global_mask, max_global)
+  # Gathering and placing the few global tokens are small matrix products.
+  take = lambda x: jnp.einsum('bgn,bnhd->bghd', selector.astype(x.dtype), x)
+  positions = jnp.einsum('bgn,n->bg', selector.astype(jnp.int32), np.arange(length))
+  # Sequence position of each query and key in band layout, [r, blocks * block].
+  blocks = q_band.shape[3]
+  query_pos = np.arange(blocks * block) * dilation + np.arange(dilation)[:, None]
+  key_pos = (np.arange(-band.before * block, (blocks + band.after) * block) * dilation
+             + np.arange(dilation)[:, None])
+
+  # Key minus query position, [batch, r, queries, slots].
+  offset = positions[:, None, None, :] - query_pos[None, :, :, None]
+  span = dilation * window
+  if causal:
+    in_window = (offset <= 0) & (offset >= -span)
   else:
-    positions, found = select_global(global_mask, max_global)
-    key_ok = found & jnp.take_along_axis(key_valid, positions, axis=1)
-    # Key minus query position, [blocks, batch, r, block, slots].
-    offset = (positions[None, :, None, None, :]
-              - query_pos.transpose(1, 0, 2)[:, None, :, :, None])
-    span = dilation * window
-    if causal:
-      in_window = (offset <= 0) & (offset >= -span)
-    else:
-      in_window = jnp.abs(offset) <= span
-    in_window &= offset % dilation == 0
-    # A global key inside the window is counted there, not twice.
-    global_seen = key_ok[None, :, None, None, :] & ~in_window
-    if causal:
-      global_seen &= offset <= 0
-    global_seen = global_seen[:, :, :, None]
-  take = lambda x: jnp.take_along_axis(x, positions[:, :, None, None], axis=1)
+    in_window = jnp.abs(offset) <= span
+  in_window &= offset % dilation == 0
+  # A global key inside the window is counted there already.
+  seen = (selector & key_valid[:, None, :]).any(-1)[:, None, None, :] & ~in_window
+  if causal:
+    seen &= offset <= 0
+  # Global tokens for band layout: [batch, r, heads, slots, d], the same for every r.
+  band_global = lambda x: jnp.broadcast_to(take(x).transpose(0, 2, 1, 3)[:, None],
+                                           (batch, dilation, heads, selector.shape[1],
+                                            x.shape[-1]))
+  flat = lambda x: x.reshape(*x.shape[:3], -1, *x.shape[5:])  # merge blocks and block
+  out = _add_global_keys(flat(out), flat(lse[..., None])[..., 0], flat(q_band),
+                         band_global(k), band_global(v), seen[:, :, None])
+  out = _from_band_layout(out.reshape(out.shape[:3] + (blocks, block, out.shape[-1])))
+  out = out[:, :length]
 
-  out = _band_core(q_band, k_band, v_band, valid, take(k), take(v), global_seen, band)
-  out = _from_band_layout(out)[:, :length]
-
-  if global_mask is not None:
-    rows = _global_rows(take(q), k_band, v_band, valid, key_pos, positions, causal)
-    batch_index = np.arange(batch)[:, None]
-    current = out[batch_index, positions]
-    out = out.at[batch_index, positions].set(
-        jnp.where(found[:, :, None, None], rows, current))
-  return out
+  rows = _global_rows(band_global(q), flat(k_band), flat(v_band), flat(valid[..., None])[..., None, :, 0],
+                      key_pos[:, None, None, :], positions, causal)
+  rows = jnp.einsum('bgn,bghd->bnhd', selector.astype(rows.dtype), rows)
+  return jnp.where(selector.any(1)[:, :, None, None], rows, out)
 
 
 def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> None:

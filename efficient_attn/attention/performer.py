@@ -272,7 +272,7 @@ class PerformerAttention(base.Attention):
     self.chunk_len = chunk_len
     self.block_len = block_len
     self.deterministic = False
-    self.rngs = rngs['attention'].fork()
+    self.rngs = base.random_stream(rngs)
     self.feature_key = base.RandomState(jax.random.key_data(self.rngs()))
 
   def features(self, head_dim: int) -> jax.Array:

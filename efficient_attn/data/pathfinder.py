@@ -10,8 +10,12 @@ fill the rest. Paths never touch each other, so connectivity is exactly the labe
 Resolutions 32, 64, 128 (Path-X) and 256; difficulty is the number of segments
 of the target paths: easy 6, intermediate 9, hard 14 (LRA's setting), extreme 20.
 Distractors have a third of that many segments. Labels are balanced and a seed
-fixes every image. Images are 8-bit grayscale, flattened row by row to a pixel
-sequence of ids value + 1 (so 0 stays padding), 257 ids, 2 classes.
+fixes every image. Drawing uses numpy only, many images at a time: segment pixels
+come from precomputed patterns for 64 headings and 4x4 sub-pixel starts. Images
+are 8-bit grayscale, flattened row by row to a pixel sequence of ids value + 1
+(so 0 stays padding), 257 ids, 2 classes. Configs `res<R>_<difficulty>` hold
+160K/20K/20K train/valid/test images (LRA's 80/10/10 proportions); 'tiny' is
+for tests.
 
 Prepare the generated data once:
   python -m efficient_attn.data.prepare pathfinder --resolution 32 --difficulty hard
