@@ -67,15 +67,16 @@ def hash_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
   _, n_hashes, _, half = rotations.shape
   if half == 0:
     return jnp.zeros((batch, heads, n_hashes, length), jnp.int32)
+  # Heads lead both operands, so that the matmul runs per head without copies.
+  x = x.astype(jnp.float32).transpose(1, 0, 2, 3).reshape(heads, batch * length, dim)
   rotations = rotations.transpose(0, 2, 1, 3).reshape(heads, dim, n_hashes * half)
-  rotated = jnp.einsum('bhnd,hdk->bhnk', x.astype(jnp.float32), rotations)
-  rotated = rotated.reshape(batch, heads, length, n_hashes, half)
+  rotated = jnp.einsum('hnd,hdk->hnk', x, rotations).reshape(heads, batch * length, n_hashes, half)
   # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster than
   # argmax; ties go to the first index, as in argmax.
   high, high_index = jax.lax.top_k(rotated, 1)
   low, low_index = jax.lax.top_k(-rotated, 1)
   buckets = jnp.where(high >= low, high_index, half + low_index)[..., 0]
-  return buckets.transpose(0, 1, 3, 2)
+  return buckets.reshape(heads, batch, length, n_hashes).transpose(1, 0, 3, 2)
 
 
 def sort_by_bucket(buckets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
