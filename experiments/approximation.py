@@ -120,7 +120,9 @@ def write_results(rows: list[dict], length: int, seeds: int, out_stem: str) -> N
            'seeds of ||Y - Y_exact|| / ||Y_exact||. "text": q, k, v from a random-init '
            'attention layer on Python source bytes, logits rescaled to standard deviation 2; '
            '"noise": standard normal q, k, v (logit standard deviation 1). '
-           'Linformer projections are at their initialisation (untrained).', '',
+           'Linformer projections are at their initialisation (untrained). On noise the exact '
+           'output averages many unrelated values and is small, so errors relative to it '
+           'exceed 1.', '',
            '| input | attention | options | budget | error |', '|---|---|---|---|---|']
   for row in rows:
     options = ', '.join(f'{k}={v}' for k, v in row['options'].items())
