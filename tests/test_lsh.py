@@ -224,6 +224,14 @@ def test_hash_buckets_are_argmax_of_rotated_and_negated():
   assert int(jnp.max(hash_buckets(x, one_bucket()))) == 0
 
 
+def test_hash_buckets_in_blocks_of_rows(monkeypatch):
+  x = random_inputs()[0].transpose(0, 2, 1, 3)
+  rotation = rotations(0, n_hashes=3, n_buckets=8)
+  monkeypatch.setattr(lsh, '_HASH_BLOCK_SIZE', 7 * HEADS * 3 * 4)  # blocks of 7 rows
+  in_blocks = jax.jit(lambda x, rotation: lsh.hash_buckets(x, rotation))(x, rotation)
+  np.testing.assert_array_equal(in_blocks, hash_buckets(x, rotation))
+
+
 def test_cross_attention_one_bucket_is_exact_attention():
   attention = lsh_function(chunk_len=LENGTH, shared_qk=False)
   inputs = random_inputs(length=24, kv_len=LENGTH)

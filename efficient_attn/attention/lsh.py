@@ -36,6 +36,8 @@ from efficient_attn.attention import base
 SELF_VALUE = 0.5 * base.MASK_VALUE
 # Rows whose maximum logit is at or below this saw no key at all.
 _NO_KEY_THRESHOLD = 0.75 * base.MASK_VALUE
+# Most rotated-vector entries that hashing holds at once.
+_HASH_BLOCK_SIZE = 1 << 25
 
 
 def num_chunks(q_len: int, kv_len: int, chunk_len: int) -> int:
@@ -70,12 +72,25 @@ def hash_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
   # Heads lead both operands, so that the matmul runs per head without copies.
   x = x.astype(jnp.float32).transpose(1, 0, 2, 3).reshape(heads, batch * length, dim)
   rotations = rotations.transpose(0, 2, 1, 3).reshape(heads, dim, n_hashes * half)
-  rotated = jnp.einsum('hnd,hdk->hnk', x, rotations).reshape(heads, batch * length, n_hashes, half)
-  # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster than
-  # argmax; ties go to the first index, as in argmax.
-  high, high_index = jax.lax.top_k(rotated, 1)
-  low, low_index = jax.lax.top_k(-rotated, 1)
-  buckets = jnp.where(high >= low, high_index, half + low_index)[..., 0]
+
+  def buckets_of(rows):
+    rotated = jnp.einsum('hnd,hdk->hnk', rows, rotations)
+    rotated = rotated.reshape(rows.shape[:2] + (n_hashes, half))
+    # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster
+    # than argmax; ties go to the first index, as in argmax.
+    high, high_index = jax.lax.top_k(rotated, 1)
+    low, low_index = jax.lax.top_k(-rotated, 1)
+    return jnp.where(high >= low, high_index, half + low_index)[..., 0]
+
+  # The rotated vectors grow as length * n_buckets: in blocks of rows when large.
+  block = max(1, _HASH_BLOCK_SIZE // (heads * n_hashes * half))
+  if batch * length <= block:
+    buckets = buckets_of(x)
+  else:
+    blocks = -(-batch * length // block)
+    x = base.pad_axis(x, 1, block).reshape(heads, blocks, block, dim).transpose(1, 0, 2, 3)
+    buckets = jax.lax.map(buckets_of, x).transpose(1, 0, 2, 3).reshape(heads, -1, n_hashes)
+    buckets = buckets[:, :batch * length]
   return buckets.reshape(heads, batch, length, n_hashes).transpose(1, 0, 3, 2)
 
 
