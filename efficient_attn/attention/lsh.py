@@ -1,12 +1,13 @@
 """LSH attention (Kitaev et al. 2020, "Reformer: The Efficient Transformer").
 
 Each hash round puts every token into a bucket by angular LSH (Section 2,
-"Locality sensitive hashing"), sorts the tokens by (bucket, position), cuts the
-sorted sequence into chunks and lets each chunk of queries attend to its own
-chunk of keys, the chunk before it and, without causality, the chunk after it
-(Section 2, "LSH attention"; Figure 2). Rounds are combined with weights
-softmax over their log-sum-exps (Section 2, "Multi-round LSH attention"), as
-trax's `LSHSelfAttention` does. Choices, following trax's `LSHSelfAttention`:
+"Locality sensitive hashing"; random rotations drawn per head and round), sorts
+the tokens by (bucket, position), cuts the sorted sequence into chunks and lets
+each chunk of queries attend to its own chunk of keys, the chunk before it and,
+without causality, the chunk after it (Section 2, "LSH attention"; Figure 2).
+Rounds are combined with weights softmax over their log-sum-exps (Section 2,
+"Multi-round LSH attention"), as trax's `LSHSelfAttention` does. Choices,
+following trax's `LSHSelfAttention`:
 - keys in the attended chunks are not masked by bucket equality;
 - a query-key pair found by several rounds is counted once per round
   (duplicates are not removed);
@@ -16,13 +17,18 @@ Where this differs from trax: logits are scaled by 1/sqrt(head_dim) also with
 shared query-keys (trax's unit keys make it q . k / |k| with no scale), and
 chunks of equal length are used when the length is not a multiple of
 `chunk_len` (ceil(length / chunk_len) chunks of at most `chunk_len` tokens).
+Without shared query-keys, queries and keys are hashed with the same rotations
+and sorted separately; query chunk i meets key chunk i and its neighbours
+(this also allows cross-attention).
 
 Memory is O(length * chunk_len * n_hashes) in the forward and backward pass;
-permutations are gathers whose gradients are gathers by the inverse permutation.
+permutations are gathers whose gradients are gathers by the inverse
+permutation. Hashing costs O(length * head_dim * n_buckets), which with the
+default n_buckets (proportional to length) grows as length^2 / chunk_len; its
+memory stays linear (rows are hashed in blocks).
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -264,7 +270,7 @@ class _Steps:
                for w in range(self.width))
 
   def unfold(self, folded):
-    """Stacked `fold` outputs `[count, ring_block, span, chunk, d]` -> `[rings, chunks, chunk, d]`."""
+    """Stacked `fold` outputs `[count, ring_block, span, chunk, d]` -> `[rings, chunks, ...]`."""
     folded = folded.reshape((-1, self.groups_per_ring) + folded.shape[1:])
     grad = folded[:, :, :, self.before:self.before + self.group]
     if self.before:
@@ -364,6 +370,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
   """
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
+  base.check_positive_int('chunk_len', chunk_len)
+  base.check_positive_int('rows_per_step', rows_per_step)
   if (shared_qk or causal) and q_len != kv_len:
     raise ValueError(f'shared_qk and causal LSH attention need q_len == kv_len, '
                      f'got {q_len} and {kv_len}')
@@ -385,7 +393,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
   def sort_tokens(rows, valid):
     """Sorts rows by bucket, tokens not `valid` `[batch, len]` (and padding) last.
 
-    Returns (order, inverse, validity in sorted order), `[batch * heads, n_hashes, padded_len]`.
+    Returns (order, inverse, validity in sorted order), each
+    `[batch * heads, n_hashes, padded_len]`.
     """
     buckets = hash_buckets(rows, rotations)
     valid = base.pad_axis(valid, 1, rows.shape[2], False)
