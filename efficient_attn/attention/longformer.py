@@ -44,21 +44,20 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _to_band_layout(x: jax.Array, dilation: int, block: int) -> jax.Array:
-  """`[batch, len, heads, dim]` -> `[batch, dilation, heads, blocks, block, dim]`.
+def _to_band_layout(x: jax.Array, dilation: int) -> jax.Array:
+  """`[batch, len, heads, dim]` -> `[batch, dilation, heads, len // dilation, dim]`.
 
-  Position p = (n * block + a) * dilation + c lands at `[:, c, :, n, a]`; `len`
-  must be a multiple of `dilation * block`.
+  Position p = s * dilation + c lands at `[:, c, :, s]`: row c holds the
+  subsequence of positions with remainder c.
   """
   batch, length, heads, dim = x.shape
-  x = x.reshape(batch, length // (block * dilation), block, dilation, heads, dim)
-  return x.transpose(0, 3, 4, 1, 2, 5)
+  return x.reshape(batch, length // dilation, dilation, heads, dim).transpose(0, 2, 3, 1, 4)
 
 
 def _from_band_layout(x: jax.Array) -> jax.Array:
   """Inverse of `_to_band_layout`."""
-  batch, dilation, heads, blocks, block, dim = x.shape
-  return x.transpose(0, 3, 4, 1, 2, 5).reshape(batch, blocks * block * dilation, heads, dim)
+  batch, dilation, heads, sub_len, dim = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(batch, sub_len * dilation, heads, dim)
 
 
 def _window_mask(block: int, before: int, after: int, window: int, causal: bool) -> np.ndarray:
@@ -78,7 +77,7 @@ class _Band:
     self.block = block
     self.before = -(-window // block)
     self.after = 0 if causal else self.before
-    self.width = self.before + 1 + self.after
+    self.strip = (self.before + 1 + self.after) * block
     self.window_mask = _window_mask(block, self.before, self.after, window, causal)
     self.key = (block, window, causal)
 
@@ -89,17 +88,15 @@ class _Band:
     return isinstance(other, _Band) and self.key == other.key
 
 
-def _strip(x: jax.Array, first: jax.Array, width: int) -> jax.Array:
-  """Blocks `first .. first + width - 1` of `[b, r, h, blocks, block, d]` as `[b, r, h, width * block, d]`."""
-  strip = jax.lax.dynamic_slice_in_dim(x, first, width, axis=3)
-  return strip.reshape(*x.shape[:3], width * x.shape[4], *x.shape[5:])
+def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  """`x[:, :, :, start:start + size]`."""
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=3)
 
 
-def _add_strip(x: jax.Array, first: jax.Array, strip: jax.Array) -> jax.Array:
-  """Adds `strip` `[b, r, h, width * block, d]` to blocks `first ..` of `x` `[b, r, h, blocks, block, d]`."""
-  strip = strip.reshape(*x.shape[:3], -1, *x.shape[4:])
-  current = jax.lax.dynamic_slice_in_dim(x, first, strip.shape[3], axis=3)
-  return jax.lax.dynamic_update_slice_in_dim(x, current + strip, first, axis=3)
+def _add_rows(x: jax.Array, start: jax.Array, rows: jax.Array) -> jax.Array:
+  """`x` with `rows` added to `x[:, :, :, start:start + len(rows)]`."""
+  current = _rows(x, start, rows.shape[3])
+  return jax.lax.dynamic_update_slice_in_dim(x, current + rows, start, axis=3)
 
 
 def _softmax_parts(scores: jax.Array):
@@ -119,48 +116,47 @@ def _normalise(out: jax.Array, total: jax.Array, row_max: jax.Array) -> jax.Arra
   return jnp.where(row_max[..., None] > base.MASK_VALUE / 2, out / total[..., None], 0.0)
 
 
-def _block_scores(band, i, q, k, valid):
-  """Query block i `[b, r, h, block, d]` and its masked float32 scores over its key strip."""
-  q_i = jax.lax.dynamic_index_in_dim(q, i, axis=3, keepdims=False)
-  scores = jnp.einsum('brhqd,brhkd->brhqk', q_i, _strip(k, i, band.width),
-                      preferred_element_type=jnp.float32)
-  visible = _strip(valid[..., None], i, band.width)[..., None, :, 0] & band.window_mask
-  return q_i, jnp.where(visible, scores, base.MASK_VALUE)
-
-
 def _band_forward(q, k, v, valid, band):
   """Outputs and log-sum-exp of `_band_core`."""
 
-  def one_block(out, i):
-    _, scores = _block_scores(band, i, q, k, valid)
-    probs, total, row_max = _softmax_parts(scores)
-    out_i = jnp.einsum('brhqk,brhkd->brhqd', probs.astype(v.dtype), _strip(v, i, band.width),
+  def one_block(carry, i):
+    out, lse = carry
+    # In the padded key layout the strip of query block i starts at key i * block.
+    start = i * band.block
+    scores = jnp.einsum('brhqd,brhkd->brhqk', _rows(q, start, band.block),
+                        _rows(k, start, band.strip), preferred_element_type=jnp.float32)
+    visible = _rows(valid, start, band.strip)[..., None, :] & band.window_mask
+    probs, total, row_max = _softmax_parts(jnp.where(visible, scores, base.MASK_VALUE))
+    out_i = jnp.einsum('brhqk,brhkd->brhqd', probs.astype(v.dtype), _rows(v, start, band.strip),
                        preferred_element_type=jnp.float32)
     out_i = _normalise(out_i, total, row_max).astype(q.dtype)
-    lse = jnp.where(row_max > base.MASK_VALUE / 2, row_max + jnp.log(total), base.MASK_VALUE)
-    return jax.lax.dynamic_update_index_in_dim(out, out_i, i, axis=3), lse
+    lse_i = jnp.where(row_max > base.MASK_VALUE / 2, row_max + jnp.log(total), base.MASK_VALUE)
+    out = jax.lax.dynamic_update_slice_in_dim(out, out_i, start, axis=3)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_i, start, axis=3)
+    return (out, lse), None
 
-  out = jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype)
-  out, lse = jax.lax.scan(one_block, out, jnp.arange(q.shape[3]))
-  return out, jnp.moveaxis(lse, 0, 3)
+  init = (jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype), jnp.zeros(q.shape[:-1], jnp.float32))
+  blocks = q.shape[3] // band.block
+  return jax.lax.scan(one_block, init, jnp.arange(blocks))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _band_core(q, k, v, valid, band):
-  """Windowed attention of every query block over its strip of key blocks.
+  """Windowed attention of every query block over its strip of keys.
 
   Args:
-    q: pre-scaled queries `[batch, r, heads, blocks, block, head_dim]`.
-    k: keys `[batch, r, heads, before + blocks + after, block, head_dim]`,
-      padded with `band.before` blocks in front and `band.after` behind.
+    q: pre-scaled queries `[batch, r, heads, queries, head_dim]`, queries a
+      multiple of `band.block`.
+    k: keys `[batch, r, heads, keys, head_dim]`, the queries' positions padded
+      with `band.before` blocks in front and `band.after` behind.
     v: values, padded like k.
-    valid: bool `[batch, r, 1, before + blocks + after, block]`, real keys.
+    valid: bool `[batch, r, 1, keys]`, real keys.
     band: static block and strip shape.
 
   Returns:
-    Outputs `[batch, r, heads, blocks, block, value_dim]` in the dtype of q, and
-    the float32 log-sum-exp of the scores `[batch, r, heads, blocks, block]`
-    (MASK_VALUE for queries that see no key).
+    Outputs `[batch, r, heads, queries, value_dim]` in the dtype of q, and the
+    float32 log-sum-exp of the scores `[batch, r, heads, queries]` (MASK_VALUE
+    for queries that see no key).
   """
   return _band_forward(q, k, v, valid, band)
 
@@ -177,27 +173,33 @@ def _band_core_bwd(band, residuals, cotangents):
   # Queries that see no key: lse +inf makes the recomputed probabilities exactly 0.
   lse = jnp.where(lse > base.MASK_VALUE / 2, lse, jnp.inf)
   # dL/ds = p * (dp - D + dlse), with D = rowsum(dO * O) and d lse / ds = p.
-  delta = jnp.einsum('brhnqd,brhnqd->brhnq', dout.astype(jnp.float32),
+  delta = jnp.einsum('brhqd,brhqd->brhq', dout.astype(jnp.float32),
                      out.astype(jnp.float32)) - dlse
 
   def one_block(carry, i):
     dq, dk, dv = carry
-    q_i, scores = _block_scores(band, i, q, k, valid)
-    index = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=3, keepdims=False)
-    dout_i = index(dout)
-    probs = jnp.exp(scores - index(lse)[..., None])
-    k_strip, v_strip = _strip(k, i, band.width), _strip(v, i, band.width)
-    dp = jnp.einsum('brhqd,brhkd->brhqk', dout_i, v_strip, preferred_element_type=jnp.float32)
-    ds = (probs * (dp - index(delta)[..., None])).astype(q.dtype)
-    dq_i = jnp.einsum('brhqk,brhkd->brhqd', ds, k_strip, preferred_element_type=jnp.float32)
-    dk_strip = jnp.einsum('brhqk,brhqd->brhkd', ds, q_i, preferred_element_type=jnp.float32)
-    dv_strip = jnp.einsum('brhqk,brhqd->brhkd', probs.astype(v.dtype), dout_i,
+    start = i * band.block
+    query_rows = lambda x: _rows(x, start, band.block)
+    q_i, dout_i = query_rows(q), query_rows(dout)
+    k_strip, v_strip = _rows(k, start, band.strip), _rows(v, start, band.strip)
+    # Scores transposed, keys by queries, so that every product but dq has the
+    # layout XLA:CPU multiplies fastest.
+    scores = jnp.einsum('brhkd,brhqd->brhkq', k_strip, q_i, preferred_element_type=jnp.float32)
+    visible = _rows(valid, start, band.strip)[..., None] & band.window_mask.T
+    scores = jnp.where(visible, scores, base.MASK_VALUE)
+    probs = jnp.exp(scores - query_rows(lse)[..., None, :])
+    dp = jnp.einsum('brhkd,brhqd->brhkq', v_strip, dout_i, preferred_element_type=jnp.float32)
+    ds = (probs * (dp - query_rows(delta)[..., None, :])).astype(q.dtype)
+    dv_strip = jnp.einsum('brhkq,brhqd->brhkd', probs.astype(v.dtype), dout_i,
                           preferred_element_type=jnp.float32)
-    dq = jax.lax.dynamic_update_index_in_dim(dq, dq_i.astype(q.dtype), i, axis=3)
-    return (dq, _add_strip(dk, i, dk_strip), _add_strip(dv, i, dv_strip)), None
+    dk_strip = jnp.einsum('brhkq,brhqd->brhkd', ds, q_i, preferred_element_type=jnp.float32)
+    dq_i = jnp.einsum('brhkq,brhkd->brhqd', ds, k_strip, preferred_element_type=jnp.float32)
+    dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i.astype(q.dtype), start, axis=3)
+    return (dq, _add_rows(dk, start, dk_strip), _add_rows(dv, start, dv_strip)), None
 
   init = (jnp.zeros_like(q), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  (dq, dk, dv), _ = jax.lax.scan(one_block, init, jnp.arange(q.shape[3]))
+  blocks = q.shape[3] // band.block
+  (dq, dk, dv), _ = jax.lax.scan(one_block, init, jnp.arange(blocks))
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -291,7 +293,8 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     global_mask: None or bool `[batch, len]`, True for global tokens.
     max_global: global tokens handled per row; only the first `max_global`
       global tokens of a row are global, later ones act as ordinary tokens.
-    block: queries per block of the band; default about `window`.
+    block: queries per block of the band (rounded up to a multiple of 8);
+      default window / 4, within [32, 256].
     scale: logit scale, default 1/sqrt(head_dim).
 
   Returns:
@@ -306,32 +309,38 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   sub_len = -(-length // dilation)  # length of each interleaved subsequence
   window = min(window, sub_len - 1)
   if block is None:
-    block = max(window, 1)
+    # Measured on CPU: strips of about 2.25 windows beat fewer, larger blocks.
+    block = min(max(window // 4, 32), 256)
   block = min(_round_up(block, 8), _round_up(sub_len, 8))
   band = _Band(block, window, causal)
 
-  def key_blocks(x, pad_value=0):
-    x = _to_band_layout(base.pad_axis(x, 1, block * dilation, pad_value), dilation, block)
+  def band_layout(x, pad_value=0, before=0, after=0):
+    # Pads the sequence to whole blocks of every subsequence, plus `before`
+    # blocks in front and `after` behind.
+    x = _to_band_layout(base.pad_axis(x, 1, block * dilation, pad_value), dilation)
     widths = [(0, 0)] * x.ndim
-    widths[3] = (band.before, band.after)
+    widths[3] = (before * block, after * block)
     return jnp.pad(x, widths, constant_values=pad_value)
 
-  q_band = _to_band_layout(base.pad_axis(q, 1, block * dilation), dilation, block)
-  k_band, v_band = key_blocks(k), key_blocks(v)
-  valid = key_blocks(key_valid[:, :, None, None], False)[..., 0]
+  key_layout = functools.partial(band_layout, before=band.before, after=band.after)
+  q_band, k_band, v_band = band_layout(q), key_layout(k), key_layout(v)
+  valid = key_layout(key_valid[:, :, None, None], False)[..., 0]  # [batch, r, 1, keys]
   out, lse = _band_core(q_band, k_band, v_band, valid, band)
   if global_mask is None:
     return _from_band_layout(out)[:, :length]
 
   selector = global_selector(global_mask, max_global)
+  slots = selector.shape[1]
   # Gathering and placing the few global tokens are small matrix products.
   take = lambda x: jnp.einsum('bgn,bnhd->bghd', selector.astype(x.dtype), x)
   positions = jnp.einsum('bgn,n->bg', selector.astype(jnp.int32), np.arange(length))
-  # Sequence position of each query and key in band layout, [r, blocks * block].
-  blocks = q_band.shape[3]
-  query_pos = np.arange(blocks * block) * dilation + np.arange(dilation)[:, None]
-  key_pos = (np.arange(-band.before * block, (blocks + band.after) * block) * dilation
-             + np.arange(dilation)[:, None])
+  # Global tokens in band layout, [batch, r, heads, slots, d], the same for every r.
+  band_global = lambda x: jnp.broadcast_to(take(x).transpose(0, 2, 1, 3)[:, None],
+                                           (batch, dilation, heads, slots, x.shape[-1]))
+  # Sequence position of each query and key in band layout, [r, queries or keys].
+  sub_pos = lambda start, stop: np.arange(start, stop) * dilation + np.arange(dilation)[:, None]
+  query_pos = sub_pos(0, q_band.shape[3])
+  key_pos = sub_pos(-band.before * block, k_band.shape[3] - band.before * block)
 
   # Key minus query position, [batch, r, queries, slots].
   offset = positions[:, None, None, :] - query_pos[None, :, :, None]
@@ -345,17 +354,10 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   seen = (selector & key_valid[:, None, :]).any(-1)[:, None, None, :] & ~in_window
   if causal:
     seen &= offset <= 0
-  # Global tokens for band layout: [batch, r, heads, slots, d], the same for every r.
-  band_global = lambda x: jnp.broadcast_to(take(x).transpose(0, 2, 1, 3)[:, None],
-                                           (batch, dilation, heads, selector.shape[1],
-                                            x.shape[-1]))
-  flat = lambda x: x.reshape(*x.shape[:3], -1, *x.shape[5:])  # merge blocks and block
-  out = _add_global_keys(flat(out), flat(lse[..., None])[..., 0], flat(q_band),
-                         band_global(k), band_global(v), seen[:, :, None])
-  out = _from_band_layout(out.reshape(out.shape[:3] + (blocks, block, out.shape[-1])))
-  out = out[:, :length]
+  out = _add_global_keys(out, lse, q_band, band_global(k), band_global(v), seen[:, :, None])
+  out = _from_band_layout(out)[:, :length]
 
-  rows = _global_rows(band_global(q), flat(k_band), flat(v_band), flat(valid[..., None])[..., None, :, 0],
+  rows = _global_rows(band_global(q), k_band, v_band, valid[:, :, :, None],
                       key_pos[:, None, None, :], positions, causal)
   rows = jnp.einsum('bgn,bghd->bnhd', selector.astype(rows.dtype), rows)
   return jnp.where(selector.any(1)[:, :, None, None], rows, out)
