@@ -30,11 +30,9 @@ def random_mask(length, batch=2, seed=1, keep=0.8):
 
 def random_global(length, batch=2, count=3, seed=2):
   """A bool `[batch, len]` with `count` global tokens per row."""
-  rows = [np.random.default_rng(seed + b).choice(length, count, replace=False)
-          for b in range(batch)]
   out = np.zeros((batch, length), bool)
-  for b, row in enumerate(rows):
-    out[b, row] = True
+  for b in range(batch):
+    out[b, np.random.default_rng(seed + b).choice(length, count, replace=False)] = True
   return jnp.asarray(out)
 
 
@@ -42,8 +40,7 @@ def dense_visibility(length, window, dilation=1, causal=False, mask=None, global
                      batch=2):
   """The dense `[batch, len, len]` visibility that longformer attention stands for."""
   offset = np.arange(length)[None, :] - np.arange(length)[:, None]  # key minus query
-  steps = np.abs(offset) // dilation
-  visible = (offset % dilation == 0) & (steps <= window)
+  visible = (offset % dilation == 0) & (np.abs(offset) <= dilation * window)
   if causal:
     visible &= offset <= 0
   visible = np.broadcast_to(visible, (batch, length, length))
@@ -67,12 +64,12 @@ def masked_attention(q, k, v, visible):
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
-def value_and_grads(attention, q, k, v):
-  """Output and gradients w.r.t. q, k, v of a fixed random projection of the output."""
+def value_and_grads(attention, q, k, v, extras):
+  """`attention(q, k, v, extras)` and the gradients w.r.t. q, k, v of a fixed projection of it."""
   cotangent = np.random.default_rng(7).normal(size=q.shape[:3] + v.shape[-1:])
 
   def loss(q, k, v):
-    out = attention(q, k, v)
+    out = attention(q, k, v, extras)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -89,23 +86,24 @@ def assert_close(actual, expected, rtol=1e-5):
     assert error <= rtol, f'relative error {error}'
 
 
-def assert_same_values_and_grads(attention, oracle, q, k, v, rtol=1e-5):
-  """Outputs and gradients of `attention` and `oracle` agree (one compilation for both)."""
-  both = jit(lambda q, k, v: (value_and_grads(attention, q, k, v),
-                                  value_and_grads(oracle, q, k, v)))
-  actual, expected = both(q, k, v)
+def assert_same_values_and_grads(attention, oracle, q, k, v, extras=None, rtol=1e-5):
+  """`attention` and `oracle`, both called as `f(q, k, v, extras)`, agree in outputs and
+  gradients. Masks travel in `extras` as arguments, not as constants XLA would fold."""
+  both = jit(lambda q, k, v, extras: (value_and_grads(attention, q, k, v, extras),
+                                      value_and_grads(oracle, q, k, v, extras)))
+  actual, expected = both(q, k, v, extras)
   assert_close(actual, expected, rtol)
   return actual
 
 
-@pytest.mark.parametrize('causal', [False, True])
-@pytest.mark.parametrize('padded', [False, True])
+@pytest.mark.parametrize('causal,padded', [(False, False), (False, True), (True, False),
+                                           (True, True)])
 def test_window_covering_everything_is_exact_attention(causal, padded):
   q, k, v = make_qkv(40)
   mask = random_mask(40) if padded else None
-  longformer = lambda q, k, v: sliding_window_attention(q, k, v, mask, causal, window=64)
-  dense = lambda q, k, v: dense_attention(q, k, v, mask, causal)
-  assert_same_values_and_grads(longformer, dense, q, k, v)
+  longformer = lambda q, k, v, mask: sliding_window_attention(q, k, v, mask, causal, window=64)
+  dense = lambda q, k, v, mask: dense_attention(q, k, v, mask, causal)
+  assert_same_values_and_grads(longformer, dense, q, k, v, mask)
 
 
 @pytest.mark.parametrize('length,window,block,causal', [(17, 3, None, True), (100, 20, 8, False),
@@ -113,9 +111,9 @@ def test_window_covering_everything_is_exact_attention(causal, padded):
 def test_window_matches_jax_local_window(length, window, block, causal):
   # jax: query i sees keys j with i - left <= j <= i + right.
   q, k, v = make_qkv(length)
-  longformer = lambda q, k, v: sliding_window_attention(q, k, v, None, causal, window,
-                                                        block=block)
-  local = lambda q, k, v: jax.nn.dot_product_attention(
+  longformer = lambda q, k, v, _: sliding_window_attention(q, k, v, None, causal, window,
+                                                           block=block)
+  local = lambda q, k, v, _: jax.nn.dot_product_attention(
       q, k, v, is_causal=causal, local_window_size=(window, 0 if causal else window))
   assert_same_values_and_grads(longformer, local, q, k, v)
 
@@ -126,21 +124,23 @@ def test_global_tokens_match_dense_oracle(dilation, causal):
   q, k, v = make_qkv(length)
   mask = random_mask(length)
   global_mask = random_global(length).at[0, 0].set(True).at[1, length - 1].set(True)
-  visible = dense_visibility(length, window, dilation, causal, mask, global_mask)
-  longformer = lambda q, k, v: sliding_window_attention(
-      q, k, v, mask, causal, window, dilation, global_mask, max_global=5, block=8)
-  oracle = lambda q, k, v: masked_attention(q, k, v, visible)
-  assert_same_values_and_grads(longformer, oracle, q, k, v)
+  extras = (mask, global_mask, dense_visibility(length, window, dilation, causal, mask,
+                                                global_mask))
+  longformer = lambda q, k, v, extras: sliding_window_attention(
+      q, k, v, extras[0], causal, window, dilation, extras[1], max_global=5, block=8)
+  oracle = lambda q, k, v, extras: masked_attention(q, k, v, extras[2])
+  assert_same_values_and_grads(longformer, oracle, q, k, v, extras)
 
 
 @pytest.mark.parametrize('length,window,dilation,causal', [(101, 5, 4, False), (50, 3, 2, True)])
 def test_dilation_matches_dense_oracle(length, window, dilation, causal):
   q, k, v = make_qkv(length)
   mask = random_mask(length)
-  visible = dense_visibility(length, window, dilation, causal, mask)
-  longformer = lambda q, k, v: sliding_window_attention(q, k, v, mask, causal, window, dilation)
-  oracle = lambda q, k, v: masked_attention(q, k, v, visible)
-  assert_same_values_and_grads(longformer, oracle, q, k, v)
+  extras = (mask, dense_visibility(length, window, dilation, causal, mask))
+  longformer = lambda q, k, v, extras: sliding_window_attention(q, k, v, extras[0], causal,
+                                                                window, dilation)
+  oracle = lambda q, k, v, extras: masked_attention(q, k, v, extras[1])
+  assert_same_values_and_grads(longformer, oracle, q, k, v, extras)
 
 
 @pytest.mark.parametrize('length', [1, 17, 1000])
@@ -148,20 +148,25 @@ def test_lengths_that_are_not_block_multiples(length):
   window = 12
   q, k, v = make_qkv(length, batch=1)
   mask = random_mask(length, batch=1).at[0, 0].set(True)
-  visible = dense_visibility(length, window, mask=mask, batch=1)
-  longformer = lambda q, k, v: sliding_window_attention(q, k, v, mask, False, window, block=16)
-  oracle = lambda q, k, v: masked_attention(q, k, v, visible)
-  assert_same_values_and_grads(longformer, oracle, q, k, v)
+  extras = (mask, dense_visibility(length, window, mask=mask, batch=1))
+  longformer = lambda q, k, v, extras: sliding_window_attention(q, k, v, extras[0], False,
+                                                                window, block=16)
+  oracle = lambda q, k, v, extras: masked_attention(q, k, v, extras[1])
+  assert_same_values_and_grads(longformer, oracle, q, k, v, extras)
 
 
 def test_causality_no_gradient_from_the_future():
   length, position = 48, 20
   q, k, v = make_qkv(length)
   global_mask = random_global(length).at[:, 30].set(True)
-  attention = lambda q, k, v: sliding_window_attention(
-      q, k, v, None, True, window=6, dilation=2, global_mask=global_mask, block=8)
   cotangent = jnp.zeros(q.shape).at[:, :position + 1].set(1.0)
-  _, dk, dv = jit(lambda q, k, v: jax.vjp(attention, q, k, v)[1](cotangent))(q, k, v)
+
+  def grads(q, k, v, global_mask):
+    attention = lambda q, k, v: sliding_window_attention(
+        q, k, v, None, True, window=6, dilation=2, global_mask=global_mask, block=8)
+    return jax.vjp(attention, q, k, v)[1](cotangent)
+
+  _, dk, dv = jit(grads)(q, k, v, global_mask)
   assert np.all(np.asarray(dk[:, position + 1:]) == 0)
   assert np.all(np.asarray(dv[:, position + 1:]) == 0)
   assert np.any(np.asarray(dk[:, :position + 1]) != 0)
@@ -172,26 +177,27 @@ def test_padding_keys_change_nothing():
   q, k, v = make_qkv(length)
   mask = random_mask(length, keep=0.6)
   global_mask = random_global(length, count=4)
-  attention = jit(lambda k, v: sliding_window_attention(
+  attention = jit(lambda k, v, mask, global_mask: sliding_window_attention(
       q, k, v, mask, False, window=5, global_mask=global_mask, block=8))
   noise_k, noise_v = make_qkv(length, seed=3)[:2]
   hidden = ~mask[:, :, None, None]
-  out = attention(k, v)
-  changed = attention(jnp.where(hidden, 100 * noise_k, k), jnp.where(hidden, noise_v, v))
+  out = attention(k, v, mask, global_mask)
+  changed = attention(jnp.where(hidden, 100 * noise_k, k), jnp.where(hidden, noise_v, v), mask,
+                      global_mask)
   np.testing.assert_allclose(np.asarray(changed), np.asarray(out), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize('causal', [False])
-def test_query_with_no_visible_key_gives_zeros_and_finite_gradients(causal):
-  length = 64
+def test_query_with_no_visible_key_gives_zeros_and_finite_gradients():
+  length, window = 64, 4
   q, k, v = make_qkv(length)
-  # Row 0: every key is padding. Row 1: keys 10..39 are padding, so with
-  # window 4 queries 15..34 see no key.
+  # Row 0: every key is padding. Row 1: keys 10..39 are padding, so queries
+  # 15..34 see no key.
   mask = jnp.ones((2, length), bool).at[0].set(False).at[1, 10:40].set(False)
-  attention = lambda q, k, v: sliding_window_attention(q, k, v, mask, causal, window=4, block=8)
-  visible = dense_visibility(length, 4, causal=causal, mask=mask)
-  oracle = lambda q, k, v: masked_attention(q, k, v, visible)
-  out, dq, dk, dv = assert_same_values_and_grads(attention, oracle, q, k, v)
+  extras = (mask, dense_visibility(length, window, mask=mask))
+  longformer = lambda q, k, v, extras: sliding_window_attention(q, k, v, extras[0], False,
+                                                                window, block=8)
+  oracle = lambda q, k, v, extras: masked_attention(q, k, v, extras[1])
+  out, dq, dk, dv = assert_same_values_and_grads(longformer, oracle, q, k, v, extras)
   for x in (out, dq, dk, dv):
     assert np.all(np.isfinite(np.asarray(x)))
   assert np.all(np.asarray(out[0]) == 0)
@@ -203,15 +209,15 @@ def test_bfloat16_inputs():
   length, window = 80, 6
   q, k, v = make_qkv(length, dtype=jnp.bfloat16)
   global_mask = random_global(length, count=2)
-  visible = dense_visibility(length, window, global_mask=global_mask)
-  longformer = lambda q, k, v: sliding_window_attention(
-      q, k, v, None, False, window, global_mask=global_mask, max_global=2, block=8)
-  oracle = lambda q, k, v: masked_attention(q, k, v, visible)
-  results = assert_same_values_and_grads(longformer, oracle, q, k, v, rtol=2e-2)
+  extras = (global_mask, dense_visibility(length, window, global_mask=global_mask))
+  longformer = lambda q, k, v, extras: sliding_window_attention(
+      q, k, v, None, False, window, global_mask=extras[0], max_global=2, block=8)
+  oracle = lambda q, k, v, extras: masked_attention(q, k, v, extras[1])
+  results = assert_same_values_and_grads(longformer, oracle, q, k, v, extras, rtol=2e-2)
   assert all(x.dtype == jnp.bfloat16 for x in results)
 
 
-def test_module_jit_grad_and_pmap_agree_with_one_device():
+def test_module_under_jit_and_pmap_matches_one_device():
   length = 40
   attention = ea.make_attention('longformer', window=5, dilation=2, max_global=3, block=8)
   q, k, v = make_qkv(length, batch=4)
@@ -225,7 +231,6 @@ def test_module_jit_grad_and_pmap_agree_with_one_device():
 
   args = (q, k, v, mask, global_mask, cotangent)
   one_device = jit(value_and_grads_of_module)(*args)
-
   devices = jax.local_device_count()
   assert devices == 4
   split = lambda x: x.reshape(devices, -1, *x.shape[1:])
@@ -238,12 +243,13 @@ def test_no_length_squared_array_forward_or_backward():
   length, window = 2048, 16
   q, k, v = make_qkv(length, batch=1)
   global_mask = jnp.zeros((1, length), bool).at[0, 3].set(True)
-  loss = lambda q, k, v: jnp.sum(sliding_window_attention(
+  loss = lambda q, k, v, global_mask: jnp.sum(sliding_window_attention(
       q, k, v, None, False, window, global_mask=global_mask, max_global=4) ** 2)
-  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+  grads = jit(jax.grad(loss, argnums=(0, 1, 2)))
+  hlo = grads.lower(q, k, v, global_mask).compile().as_text()
   sizes = [np.prod([int(d) for d in dims.split(',') if d])
            for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', hlo)]
-  # Inputs are length * 16 elements; anything near length**2 / 4 would be a full matrix.
+  # Inputs are length * 16 elements; a full score matrix would be length**2 * 2.
   assert max(sizes) <= 64 * length
 
 
@@ -287,4 +293,3 @@ def test_bad_inputs():
     attention(q, k, v, global_mask=jnp.ones((2, 9), bool))
   with pytest.raises(ValueError, match=r'global_mask has 3 .*max_global=2'):
     attention(q, k, v, global_mask=jnp.zeros((2, 10), bool).at[1, :3].set(True))
-
