@@ -474,7 +474,7 @@ class LSHAttention(base.Attention):
     self.chunk_len = chunk_len
     self.shared_qk = shared_qk
     self.deterministic = False
-    self.rngs = rngs['attention'].fork()
+    self.rngs = base.random_stream(rngs)
     self.eval_key = base.RandomState(self.rngs())
 
   def __call__(self, q, k, v, mask=None, causal=False):
