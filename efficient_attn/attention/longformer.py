@@ -4,10 +4,13 @@ Which keys a query sees (`window` = w, `dilation` = r):
 - window, non-causal: query i sees keys j = i + r * t for |t| <= w;
   causal: j = i - r * t for 0 <= t <= w. With r = 1 this is |i - j| <= w,
   or 0 <= i - j <= w.
-- global tokens (`global_mask`, bool `[batch, len]`): a global query sees every
-  key and every query sees a global key. Causal mode keeps causality: a global
-  key is seen only by queries at or after it, and a global query sees only
-  keys at or before it.
+- global tokens (`global_mask`, bool `[batch, len]`, given at call time): a
+  global query sees every key and every query sees a global key. Causal mode
+  keeps causality: a global key is seen only by queries at or after it, and a
+  global query sees only keys at or before it. At most `max_global` (static)
+  global tokens per row: the module raises ValueError for more when the mask's
+  values are known; under jit the first `max_global` of a row are global and
+  later ones act as ordinary tokens.
 - padding keys (`mask` False) are never seen, also when they are global.
 
 How it is computed, with no `len x len` array anywhere (forward or backward):
@@ -20,14 +23,15 @@ How it is computed, with no `len x len` array anywhere (forward or backward):
   A loop over query blocks with its own backward pass (FlashAttention-2 style,
   probabilities recomputed from the saved log-sum-exp) keeps one block's scores
   in memory at a time.
-- global keys: the first `max_global` global tokens of each row (by top_k) are
-  scored by every query in an extra `[len, max_global]` block, hiding those
-  already in the query's window so that no key counts twice; the band's
+- global keys: the global tokens of each row fill `max_global` slots (a
+  one-hot selector from a running count, so gathering them is a small matrix
+  product). Every query scores them in an extra `[len, max_global]` block,
+  hiding those already in its window so that no key counts twice; the band's
   log-sum-exp merges both parts into one softmax.
 - global queries: full rows `[max_global, len]` replace their windowed outputs.
-Time is O(len * (strip + max_global)) and memory O(len * max_global) on top of
-the inputs, with strip = block * (1 + 2 * ceil(window / block)) keys (half the
-neighbours when causal). Softmax statistics are float32.
+Time is O(len * (strip + max_global)) and memory O(len * (head_dim +
+max_global)), with strip = block * (1 + 2 * ceil(window / block)) keys (half
+the neighbours when causal). Softmax statistics are float32.
 """
 
 import functools
@@ -217,6 +221,29 @@ def global_selector(global_mask: jax.Array, max_global: int) -> jax.Array:
   return global_mask[:, None, :] & (rank[:, None, :] == np.arange(slots)[:, None])
 
 
+def _global_keys_seen(positions, has_key, query_pos, window, dilation, causal):
+  """Bool `[batch, r, 1, queries, slots]`: does a query see a global key outside its window.
+
+  Args:
+    positions: int `[batch, slots]`, sequence position of each global key.
+    has_key: bool `[batch, slots]`, the slot holds a real (non-padding) key.
+    query_pos: int `[r, queries]`, sequence position of each query.
+    window, dilation, causal: the window (already capped to the length).
+  """
+  offset = positions[:, None, None, :] - query_pos[None, :, :, None]  # key minus query
+  span = dilation * window
+  if causal:
+    in_window = (offset <= 0) & (offset >= -span)
+  else:
+    in_window = jnp.abs(offset) <= span
+  in_window &= offset % dilation == 0
+  # A global key inside the window is counted there already.
+  seen = has_key[:, None, None, :] & ~in_window
+  if causal:
+    seen &= offset <= 0
+  return seen[:, :, None]
+
+
 def _add_global_keys(out, lse, q, global_k, global_v, seen):
   """Merges windowed attention with attention to global keys into one softmax.
 
@@ -342,19 +369,9 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   query_pos = sub_pos(0, q_band.shape[3])
   key_pos = sub_pos(-band.before * block, k_band.shape[3] - band.before * block)
 
-  # Key minus query position, [batch, r, queries, slots].
-  offset = positions[:, None, None, :] - query_pos[None, :, :, None]
-  span = dilation * window
-  if causal:
-    in_window = (offset <= 0) & (offset >= -span)
-  else:
-    in_window = jnp.abs(offset) <= span
-  in_window &= offset % dilation == 0
-  # A global key inside the window is counted there already.
-  seen = (selector & key_valid[:, None, :]).any(-1)[:, None, None, :] & ~in_window
-  if causal:
-    seen &= offset <= 0
-  out = _add_global_keys(out, lse, q_band, band_global(k), band_global(v), seen[:, :, None])
+  has_key = (selector & key_valid[:, None, :]).any(-1)
+  seen = _global_keys_seen(positions, has_key, query_pos, window, dilation, causal)
+  out = _add_global_keys(out, lse, q_band, band_global(k), band_global(v), seen)
   out = _from_band_layout(out)[:, :length]
 
   rows = _global_rows(band_global(q), k_band, v_band, valid[:, :, :, None],
@@ -364,8 +381,11 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> None:
-  """Raises ValueError unless `global_mask` is None or bool `[batch, len]` with at most
-  `max_global` global tokens per row (counted only when its values are known)."""
+  """Raises ValueError unless `global_mask` is None or a bool `[batch, len]` within `max_global`.
+
+  The global tokens of a row are counted only when the mask's values are known
+  (not under jit).
+  """
   if global_mask is None:
     return
   if not hasattr(global_mask, 'shape') or global_mask.dtype != jnp.bool_:
