@@ -55,6 +55,30 @@ class CorruptDataError(ValueError):
   """Raised when a data file cannot be read completely; the message names the file."""
 
 
+def read_first_available(source: str, readers: dict):
+  """Reads with the reader named `source`, or for 'auto' with the first whose files exist.
+
+  Args:
+    source: 'auto' or a key of `readers`.
+    readers: name -> zero-argument reader raising MissingDataError when its files
+      are absent, in the order 'auto' tries them.
+
+  Returns:
+    What the chosen reader returns.
+  """
+  check_choice('source', source, ('auto', *readers))
+  if source != 'auto':
+    return readers[source]()
+  missing = []
+  for read in readers.values():
+    try:
+      return read()
+    except MissingDataError as error:
+      missing.append(str(error))
+  # The last reader's message first: it names the raw files users most often have.
+  raise MissingDataError(''.join([missing[-1]] + [f' (Also tried: {m})' for m in missing[:-1]]))
+
+
 def check_choice(argument: str, value, allowed: Sequence) -> None:
   """Raises ValueError naming the allowed values unless `value` is one of them."""
   if value not in allowed:

@@ -24,7 +24,6 @@ from efficient_attn.data import tfds_files
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)'
 SPLITS = ('train', 'valid', 'test')
-SOURCES = ('auto', 'tfds', 'python')
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
 SEQ_LEN = IMAGE_SIZE * IMAGE_SIZE
@@ -104,18 +103,9 @@ def read_python_cifar(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def read_cifar(data_dir, split: str, source: str = 'auto') -> tuple[np.ndarray, np.ndarray]:
   """RGB images and labels of a stored split from the TFDS copy or the python batches."""
-  common.check_choice('source', source, SOURCES)
-  if source == 'tfds':
-    return read_tfds_cifar(data_dir, split)
-  if source == 'python':
-    return read_python_cifar(data_dir, split)
-  try:
-    return read_tfds_cifar(data_dir, split)
-  except common.MissingDataError as tfds_missing:
-    try:
-      return read_python_cifar(data_dir, split)
-    except common.MissingDataError as raw_missing:
-      raise common.MissingDataError(f'{raw_missing} (Also tried: {tfds_missing})') from None
+  return common.read_first_available(source, {
+      'tfds': lambda: read_tfds_cifar(data_dir, split),
+      'python': lambda: read_python_cifar(data_dir, split)})
 
 
 def load(split: str, data_dir=None, seq_len: int | None = None,

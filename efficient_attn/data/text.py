@@ -23,7 +23,6 @@ from efficient_attn.data import tfds_files
 
 IMDB_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/ (aclImdb_v1.tar.gz)'
 SPLITS = ('train', 'valid', 'test')
-SOURCES = ('auto', 'tfds', 'aclImdb')
 NUM_CLASSES = 2
 DEFAULT_SEQ_LEN = 4096
 # LRA validated on the test reviews; IMDB has no validation split.
@@ -91,18 +90,9 @@ def read_acl_imdb(data_dir, split: str) -> tuple[list[bytes], np.ndarray]:
 
 def read_imdb(data_dir, split: str, source: str = 'auto') -> tuple[list[bytes], np.ndarray]:
   """Texts and labels of a stored IMDB split from the TFDS copy or the raw folder."""
-  common.check_choice('source', source, SOURCES)
-  if source == 'tfds':
-    return read_tfds_imdb(data_dir, split)
-  if source == 'aclImdb':
-    return read_acl_imdb(data_dir, split)
-  try:
-    return read_tfds_imdb(data_dir, split)
-  except common.MissingDataError as tfds_missing:
-    try:
-      return read_acl_imdb(data_dir, split)
-    except common.MissingDataError as raw_missing:
-      raise common.MissingDataError(f'{raw_missing} (Also tried: {tfds_missing})') from None
+  return common.read_first_available(source, {
+      'tfds': lambda: read_tfds_imdb(data_dir, split),
+      'aclImdb': lambda: read_acl_imdb(data_dir, split)})
 
 
 def load(split: str, data_dir=None, seq_len: int | None = None,
