@@ -25,9 +25,9 @@ How it is computed, with no `len x len` array anywhere (forward or backward):
   in memory at a time.
 - global keys: the global tokens of each row fill `max_global` slots (a
   one-hot selector from a running count, so gathering them is a small matrix
-  product). Every query scores them in an extra `[len, max_global]` block,
-  hiding those already in its window so that no key counts twice; the band's
-  log-sum-exp merges both parts into one softmax.
+  product). They are appended to every block's key strip, hidden from queries
+  that already have them in their window so that no key counts twice, and
+  share the block's softmax.
 - global queries: full rows `[max_global, len]` replace their windowed outputs.
 Time is O(len * (strip + max_global)) and memory O(len * (head_dim +
 max_global)), with strip = block * (1 + 2 * ceil(window / block)) keys (half
@@ -120,21 +120,41 @@ def _normalise(out: jax.Array, total: jax.Array, row_max: jax.Array) -> jax.Arra
   return jnp.where(row_max[..., None] > base.MASK_VALUE / 2, out / total[..., None], 0.0)
 
 
-def _band_forward(q, k, v, valid, band):
-  """Outputs and log-sum-exp of `_band_core`."""
+def _block_keys(band, start, k, v, valid, global_k, global_v, global_seen):
+  """Keys and values a query block may see, and which it does see.
+
+  The keys are the strip of the block (in the padded key layout the strip of
+  the block at query `start` starts at key `start`) followed by the global keys.
+
+  Returns:
+    keys `[b, r, h, strip + slots, d]`, values likewise, and bool visibility
+    `[b, r, 1, block, strip + slots]`.
+  """
+  keys, values = _rows(k, start, band.strip), _rows(v, start, band.strip)
+  visible = _rows(valid, start, band.strip)[..., None, :] & band.window_mask
+  if global_k.shape[3]:
+    keys = jnp.concatenate([keys, global_k], axis=3)
+    values = jnp.concatenate([values, global_v], axis=3)
+    visible = jnp.concatenate([visible, _rows(global_seen, start, band.block)], axis=-1)
+  return keys, values, visible
+
+
+def _band_forward(q, k, v, valid, global_k, global_v, global_seen, band):
+  """Outputs and log-sum-exp `[b, r, h, queries]` of `_band_core`; lse is +inf where no key is seen."""
 
   def one_block(carry, i):
     out, lse = carry
-    # In the padded key layout the strip of query block i starts at key i * block.
     start = i * band.block
-    scores = jnp.einsum('brhqd,brhkd->brhqk', _rows(q, start, band.block),
-                        _rows(k, start, band.strip), preferred_element_type=jnp.float32)
-    visible = _rows(valid, start, band.strip)[..., None, :] & band.window_mask
+    keys, values, visible = _block_keys(band, start, k, v, valid, global_k, global_v,
+                                        global_seen)
+    scores = jnp.einsum('brhqd,brhkd->brhqk', _rows(q, start, band.block), keys,
+                        preferred_element_type=jnp.float32)
     probs, total, row_max = _softmax_parts(jnp.where(visible, scores, base.MASK_VALUE))
-    out_i = jnp.einsum('brhqk,brhkd->brhqd', probs.astype(v.dtype), _rows(v, start, band.strip),
+    out_i = jnp.einsum('brhqk,brhkd->brhqd', probs.astype(v.dtype), values,
                        preferred_element_type=jnp.float32)
     out_i = _normalise(out_i, total, row_max).astype(q.dtype)
-    lse_i = jnp.where(row_max > base.MASK_VALUE / 2, row_max + jnp.log(total), base.MASK_VALUE)
+    # +inf makes the probabilities recomputed in the backward pass exactly 0.
+    lse_i = jnp.where(row_max > base.MASK_VALUE / 2, row_max + jnp.log(total), jnp.inf)
     out = jax.lax.dynamic_update_slice_in_dim(out, out_i, start, axis=3)
     lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_i, start, axis=3)
     return (out, lse), None
@@ -144,9 +164,9 @@ def _band_forward(q, k, v, valid, band):
   return jax.lax.scan(one_block, init, jnp.arange(blocks))[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _band_core(q, k, v, valid, band):
-  """Windowed attention of every query block over its strip of keys.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _band_core(q, k, v, valid, global_k, global_v, global_seen, band):
+  """Attention of every query block over its strip of keys and the global keys.
 
   Args:
     q: pre-scaled queries `[batch, r, heads, queries, head_dim]`, queries a
@@ -155,56 +175,60 @@ def _band_core(q, k, v, valid, band):
       with `band.before` blocks in front and `band.after` behind.
     v: values, padded like k.
     valid: bool `[batch, r, 1, keys]`, real keys.
+    global_k: global keys `[batch, r, heads, slots, head_dim]` (slots may be 0).
+    global_v: global values `[batch, r, heads, slots, value_dim]`.
+    global_seen: bool `[batch, r, 1, queries, slots]`, does the query see the
+      global key (and it is not already in its window).
     band: static block and strip shape.
 
   Returns:
-    Outputs `[batch, r, heads, queries, value_dim]` in the dtype of q, and the
-    float32 log-sum-exp of the scores `[batch, r, heads, queries]` (MASK_VALUE
-    for queries that see no key).
+    `[batch, r, heads, queries, value_dim]` in the dtype of q.
   """
-  return _band_forward(q, k, v, valid, band)
+  return _band_forward(q, k, v, valid, global_k, global_v, global_seen, band)[0]
 
 
-def _band_core_fwd(q, k, v, valid, band):
-  out, lse = _band_forward(q, k, v, valid, band)
-  return (out, lse), (q, k, v, valid, out, lse)
+def _band_core_fwd(q, k, v, valid, global_k, global_v, global_seen, band):
+  out, lse = _band_forward(q, k, v, valid, global_k, global_v, global_seen, band)
+  return out, (q, k, v, valid, global_k, global_v, global_seen, out, lse)
 
 
-def _band_core_bwd(band, residuals, cotangents):
+def _band_core_bwd(band, residuals, dout):
   """FlashAttention-2 backward (Dao 2023, Algorithm 2), one query block at a time."""
-  q, k, v, valid, out, lse = residuals
-  dout, dlse = cotangents
-  # Queries that see no key: lse +inf makes the recomputed probabilities exactly 0.
-  lse = jnp.where(lse > base.MASK_VALUE / 2, lse, jnp.inf)
-  # dL/ds = p * (dp - D + dlse), with D = rowsum(dO * O) and d lse / ds = p.
-  delta = jnp.einsum('brhqd,brhqd->brhq', dout.astype(jnp.float32),
-                     out.astype(jnp.float32)) - dlse
+  q, k, v, valid, global_k, global_v, global_seen, out, lse = residuals
+  # dL/ds = p * (dp - D), with D = rowsum(dO * O).
+  delta = jnp.einsum('brhqd,brhqd->brhq', dout.astype(jnp.float32), out.astype(jnp.float32))
 
   def one_block(carry, i):
-    dq, dk, dv = carry
+    dq, dk, dv, dk_global, dv_global = carry
     start = i * band.block
     query_rows = lambda x: _rows(x, start, band.block)
     q_i, dout_i = query_rows(q), query_rows(dout)
-    k_strip, v_strip = _rows(k, start, band.strip), _rows(v, start, band.strip)
+    keys, values, visible = _block_keys(band, start, k, v, valid, global_k, global_v,
+                                        global_seen)
     # Scores transposed, keys by queries, so that every product but dq has the
     # layout XLA:CPU multiplies fastest.
-    scores = jnp.einsum('brhkd,brhqd->brhkq', k_strip, q_i, preferred_element_type=jnp.float32)
-    visible = _rows(valid, start, band.strip)[..., None] & band.window_mask.T
-    scores = jnp.where(visible, scores, base.MASK_VALUE)
+    scores = jnp.einsum('brhkd,brhqd->brhkq', keys, q_i, preferred_element_type=jnp.float32)
+    scores = jnp.where(jnp.swapaxes(visible, -1, -2), scores, base.MASK_VALUE)
     probs = jnp.exp(scores - query_rows(lse)[..., None, :])
-    dp = jnp.einsum('brhkd,brhqd->brhkq', v_strip, dout_i, preferred_element_type=jnp.float32)
+    dp = jnp.einsum('brhkd,brhqd->brhkq', values, dout_i, preferred_element_type=jnp.float32)
     ds = (probs * (dp - query_rows(delta)[..., None, :])).astype(q.dtype)
-    dv_strip = jnp.einsum('brhkq,brhqd->brhkd', probs.astype(v.dtype), dout_i,
-                          preferred_element_type=jnp.float32)
-    dk_strip = jnp.einsum('brhkq,brhqd->brhkd', ds, q_i, preferred_element_type=jnp.float32)
-    dq_i = jnp.einsum('brhkq,brhkd->brhqd', ds, k_strip, preferred_element_type=jnp.float32)
+    dv_keys = jnp.einsum('brhkq,brhqd->brhkd', probs.astype(v.dtype), dout_i,
+                         preferred_element_type=jnp.float32)
+    dk_keys = jnp.einsum('brhkq,brhqd->brhkd', ds, q_i, preferred_element_type=jnp.float32)
+    dq_i = jnp.einsum('brhkq,brhkd->brhqd', ds, keys, preferred_element_type=jnp.float32)
     dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i.astype(q.dtype), start, axis=3)
-    return (dq, _add_rows(dk, start, dk_strip), _add_rows(dv, start, dv_strip)), None
+    dk = _add_rows(dk, start, dk_keys[:, :, :, :band.strip])
+    dv = _add_rows(dv, start, dv_keys[:, :, :, :band.strip])
+    dk_global += dk_keys[:, :, :, band.strip:]
+    dv_global += dv_keys[:, :, :, band.strip:]
+    return (dq, dk, dv, dk_global, dv_global), None
 
-  init = (jnp.zeros_like(q), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  init = (jnp.zeros_like(q), zeros(k), zeros(v), zeros(global_k), zeros(global_v))
   blocks = q.shape[3] // band.block
-  (dq, dk, dv), _ = jax.lax.scan(one_block, init, jnp.arange(blocks))
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+  (dq, dk, dv, dk_global, dv_global), _ = jax.lax.scan(one_block, init, jnp.arange(blocks))
+  return (dq, dk.astype(k.dtype), dv.astype(v.dtype), None, dk_global.astype(global_k.dtype),
+          dv_global.astype(global_v.dtype), None)
 
 
 _band_core.defvjp(_band_core_fwd, _band_core_bwd)
@@ -242,34 +266,6 @@ def _global_keys_seen(positions, has_key, query_pos, window, dilation, causal):
   if causal:
     seen &= offset <= 0
   return seen[:, :, None]
-
-
-def _add_global_keys(out, lse, q, global_k, global_v, seen):
-  """Merges windowed attention with attention to global keys into one softmax.
-
-  Args:
-    out: windowed outputs `[batch, r, heads, queries, value_dim]`.
-    lse: their log-sum-exp `[batch, r, heads, queries]`, MASK_VALUE if empty.
-    q: pre-scaled queries `[batch, r, heads, queries, head_dim]`.
-    global_k: global keys `[batch, r, heads, slots, head_dim]`.
-    global_v: global values `[batch, r, heads, slots, value_dim]`.
-    seen: bool `[batch, r, 1, queries, slots]`, may the query see the global
-      key (and it is not already in its window).
-
-  Returns:
-    Outputs like `out`.
-  """
-  scores = jnp.einsum('brhqd,brhgd->brhqg', q, global_k, preferred_element_type=jnp.float32)
-  scores = jnp.where(seen, scores, base.MASK_VALUE)
-  row_max = jax.lax.stop_gradient(jnp.maximum(lse, scores.max(-1)))
-  # The window's share of the joint normaliser is exp(lse - row_max).
-  window_total = jnp.exp(lse - row_max)
-  probs = jnp.exp(scores - row_max[..., None])
-  # float32 operands: small, and XLA:CPU has no bfloat16 x bfloat16 -> float32
-  # kernel for this product outside jit.
-  mixed = window_total[..., None] * out.astype(jnp.float32) + jnp.einsum(
-      'brhqg,brhgd->brhqd', probs, global_v.astype(jnp.float32))
-  return _normalise(mixed, window_total + probs.sum(-1), row_max).astype(out.dtype)
 
 
 def _global_rows(q_global, k, v, valid, key_pos, query_pos, causal):
@@ -352,11 +348,10 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   key_layout = functools.partial(band_layout, before=band.before, after=band.after)
   q_band, k_band, v_band = band_layout(q), key_layout(k), key_layout(v)
   valid = key_layout(key_valid[:, :, None, None], False)[..., 0]  # [batch, r, 1, keys]
-  out, lse = _band_core(q_band, k_band, v_band, valid, band)
   if global_mask is None:
-    return _from_band_layout(out)[:, :length]
-
-  selector = global_selector(global_mask, max_global)
+    selector = jnp.zeros((batch, 0, length), bool)
+  else:
+    selector = global_selector(global_mask, max_global)
   slots = selector.shape[1]
   # Gathering and placing the few global tokens are small matrix products.
   take = lambda x: jnp.einsum('bgn,bnhd->bghd', selector.astype(x.dtype), x)
@@ -367,13 +362,14 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   # Sequence position of each query and key in band layout, [r, queries or keys].
   sub_pos = lambda start, stop: np.arange(start, stop) * dilation + np.arange(dilation)[:, None]
   query_pos = sub_pos(0, q_band.shape[3])
-  key_pos = sub_pos(-band.before * block, k_band.shape[3] - band.before * block)
-
   has_key = (selector & key_valid[:, None, :]).any(-1)
   seen = _global_keys_seen(positions, has_key, query_pos, window, dilation, causal)
-  out = _add_global_keys(out, lse, q_band, band_global(k), band_global(v), seen)
+  out = _band_core(q_band, k_band, v_band, valid, band_global(k), band_global(v), seen, band)
   out = _from_band_layout(out)[:, :length]
+  if global_mask is None:
+    return out
 
+  key_pos = sub_pos(-band.before * block, k_band.shape[3] - band.before * block)
   rows = _global_rows(band_global(q), k_band, v_band, valid[:, :, :, None],
                       key_pos[:, None, None, :], positions, causal)
   rows = jnp.einsum('bgn,bghd->bnhd', selector.astype(rows.dtype), rows)
