@@ -148,6 +148,11 @@ def default_scale(head_dim: int) -> float:
   return 1.0 / math.sqrt(head_dim)
 
 
+def round_up(x: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= x."""
+  return -(-x // multiple) * multiple
+
+
 def pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
   """Pads `axis` of `x` at the end up to a multiple of `multiple`."""
   length = x.shape[axis]

@@ -15,10 +15,6 @@ import jax.numpy as jnp
 from efficient_attn.attention import base
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _causal_bias(i, j, q_block: int, kv_block: int) -> jax.Array:
   """Bias `[q_block, kv_block]` hiding keys after each query in block pair (i, j)."""
   rows = i * q_block + jnp.arange(q_block)[:, None]
@@ -167,8 +163,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
   scale = base.default_scale(head_dim) if scale is None else scale
-  q_block = min(q_block, _round_up(q_len, 8))
-  kv_block = min(kv_block, _round_up(kv_len, 8))
+  q_block = min(q_block, base.round_up(q_len, 8))
+  kv_block = min(kv_block, base.round_up(kv_len, 8))
   num_heads = q.shape[2]
 
   def head_blocks(x, block):

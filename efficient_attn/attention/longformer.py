@@ -44,9 +44,6 @@ from flax import nnx
 from efficient_attn.attention import base
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
 
 def _to_band_layout(x: jax.Array, dilation: int) -> jax.Array:
   """`[batch, len, heads, dim]` -> `[batch, dilation, heads, len // dilation, dim]`.
@@ -334,7 +331,7 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if block is None:
     # Measured on CPU: strips of about 2.25 windows beat fewer, larger blocks.
     block = min(max(window // 4, 32), 256)
-  block = min(_round_up(block, 8), _round_up(sub_len, 8))
+  block = min(base.round_up(block, 8), base.round_up(sub_len, 8))
   band = _Band(block, window, causal)
 
   def band_layout(x, pad_value=0, before=0, after=0):
