@@ -45,11 +45,9 @@ BACKENDS = {
 
 
 # (q_len, kv_len, masked, causal): lengths that are not block multiples, cross-attention.
-FLOAT32_CASES = [(n, n, masked, causal) for n in (17, 1000)
-                 for masked in (False, True) for causal in (False, True)]
-FLOAT32_CASES += [(1, 1, False, False), (1, 1, True, True), (1537, 1537, False, False),
-                  (1537, 1537, True, True), (33, 150, True, False), (33, 150, True, True),
-                  (150, 33, True, True)]
+FLOAT32_CASES = [(17, 17, masked, causal) for masked in (False, True) for causal in (False, True)]
+FLOAT32_CASES += [(1, 1, True, True), (1000, 1000, True, False), (1537, 1537, False, True),
+                  (1537, 1537, True, True), (33, 150, True, True), (150, 33, True, False)]
 
 
 @pytest.mark.parametrize('backend', ['blocked', 'xla'])
