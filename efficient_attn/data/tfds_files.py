@@ -66,28 +66,26 @@ def read_tfrecord(path: pathlib.Path) -> list[bytes]:
   return records
 
 
-def read_array_record(path: pathlib.Path) -> list[bytes]:
-  """All records of an array_record file; CorruptDataError naming the file when unreadable."""
+def _use_array_record(path: pathlib.Path, read):
+  """`read(reader)` on an open array_record reader; CorruptDataError naming the file."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   try:
     reader = array_record_module.ArrayRecordReader(str(path))
-    records = reader.read_all()
+    result = read(reader)
     reader.close()
   except Exception as error:  # the reader raises RuntimeError or ValueError
     raise common.CorruptDataError(f'cannot read {path}: {error}') from error
-  return records
+  return result
+
+
+def read_array_record(path: pathlib.Path) -> list[bytes]:
+  """All records of an array_record file; CorruptDataError naming the file when unreadable."""
+  return _use_array_record(path, lambda reader: reader.read_all())
 
 
 def count_array_records(path: pathlib.Path) -> int:
   """Number of records of an array_record file; CorruptDataError naming the file when unreadable."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  try:
-    reader = array_record_module.ArrayRecordReader(str(path))
-    count = reader.num_records()
-    reader.close()
-  except Exception as error:  # the reader raises RuntimeError or ValueError
-    raise common.CorruptDataError(f'cannot read {path}: {error}') from error
-  return count
+  return _use_array_record(path, lambda reader: reader.num_records())
 
 
 def parse_example(serialized: bytes, path: pathlib.Path) -> dict:
