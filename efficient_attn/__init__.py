@@ -1,8 +1,9 @@
 """efficient_attn: efficient attention mechanisms for JAX/Flax NNX behind one interface."""
 
-from efficient_attn.attention import (Attention, attention_class, available_attentions,
-                                      blocked_attention, dense_attention, make_attention,
-                                      register_attention)
-
 __version__ = '0.1.0'
+
+from efficient_attn.attention import (Attention, RandomAttention, attention_class,
+                                      available_attentions, blocked_attention, dense_attention,
+                                      make_attention, register_attention)
 from efficient_attn.layers import MultiHeadAttention
+from efficient_attn import functional

@@ -12,7 +12,9 @@ class MultiHeadAttention(nnx.Module):
 
   Dropout, when `dropout_rate > 0`, is applied to the attention output before the
   output projection (efficient mechanisms never materialise attention weights to
-  drop). `model.eval()` turns it off.
+  drop). Randomness (dropout, LSH rotations, redrawn Performer features) follows
+  the call's `deterministic` and `rngs`, else the module's state (`.eval()`
+  turns it off); see `base.RandomAttention`.
   """
 
   def __init__(self, num_heads: int, in_features: int, *, qkv_features: int | None = None,
@@ -55,17 +57,22 @@ class MultiHeadAttention(nnx.Module):
       return nnx.LinearGeneral(features, (num_heads, head_dim), use_bias=use_bias,
                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+    self.attention = base.make_attention(attention, rngs=rngs, **(attention_options or {}))
     self.query = projection(in_features)
-    self.key = projection(context_features)
+    # Mechanisms that derive keys from the queries (shared-QK LSH) get no key projection.
+    self.key = projection(context_features) if self.attention.uses_keys else None
     self.value = projection(context_features)
     self.out = nnx.LinearGeneral((num_heads, head_dim), out_features, axis=(-2, -1),
                                  use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                                  rngs=rngs)
-    self.attention = base.make_attention(attention, rngs=rngs, **(attention_options or {}))
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate else None)
+    dropout_stream = None
+    if dropout_rate:
+      dropout_stream = base.random_stream(rngs, ('dropout',) + base.RANDOM_STREAMS)
+    self.dropout = nnx.Dropout(dropout_rate, rngs=dropout_stream)
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                mask: jax.Array | None = None, causal: bool = False,
+               deterministic: bool | None = None, rngs=None,
                **attention_kwargs) -> jax.Array:
     """Attends from `x` to itself, or to `context` for cross-attention.
 
@@ -74,6 +81,11 @@ class MultiHeadAttention(nnx.Module):
       context: None for self-attention, or `[batch, context_length, context_features]`.
       mask: None or bool `[batch, key_length]`, True for real (non-padding) keys.
       causal: position i attends to positions <= i only.
+      deterministic: True for no dropout and the attention's fixed random state;
+        None for the module's own setting (`.eval()` / `.train()`).
+      rngs: None, a jax key or an `nnx.Rngs` to draw dropout and the attention's
+        random parts from, leaving the module's state untouched (needed under
+        plain `jax.jit` / `jax.grad` when not deterministic).
       **attention_kwargs: extra call arguments of the mechanism (e.g. `global_mask`
         for 'longformer').
 
@@ -82,10 +94,19 @@ class MultiHeadAttention(nnx.Module):
     """
     if x.ndim != 3:
       raise ValueError(f'x must have shape [batch, length, features], got {x.shape}')
+    if context is not None and self.key is None:
+      raise ValueError(
+          f'attention {self.attention.name!r} with these options derives keys from the '
+          'queries (shared_qk=True), so it cannot attend to a context; use shared_qk=False')
     context = x if context is None else context
     if context.ndim != 3 or context.shape[0] != x.shape[0]:
       raise ValueError(
           f'context must have shape [batch={x.shape[0]}, length, features], got {context.shape}')
-    q, k, v = self.query(x), self.key(context), self.value(context)
-    y = self.attention(q, k, v, mask=mask, causal=causal, **attention_kwargs)
-    return self.out(self.dropout(y))
+    attention_rngs = dropout_rngs = rngs
+    if rngs is not None and not isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
+      attention_rngs, dropout_rngs = jax.random.split(base.as_key(rngs))
+    q, v = self.query(x), self.value(context)
+    k = q if self.key is None else self.key(context)
+    y = self.attention(q, k, v, mask=mask, causal=causal, deterministic=deterministic,
+                       rngs=attention_rngs, **attention_kwargs)
+    return self.out(self.dropout(y, deterministic=deterministic, rngs=dropout_rngs))

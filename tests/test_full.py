@@ -158,7 +158,7 @@ def test_registry_and_options():
     ea.make_attention('nope')
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['window'\].*backend"):
     ea.make_attention('full', window=3)
-  with pytest.raises(ValueError, match=r"backend='fast'.*'dense', 'blocked', 'xla', 'auto'"):
+  with pytest.raises(ValueError, match=r"backend='fast'.*'dense', 'blocked', 'xla', 'cudnn', 'auto'"):
     ea.make_attention('full', backend='fast')
   with pytest.raises(ValueError, match='q_block must be a positive int, got 0'):
     ea.make_attention('full', q_block=0)

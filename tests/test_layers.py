@@ -96,3 +96,26 @@ def test_bad_call_raises():
     mha(jnp.ones((2, 10, 32)), jnp.ones((3, 10, 32)))
   with pytest.raises(ValueError, match='mask must have shape'):
     mha(jnp.ones((2, 10, 32)), mask=jnp.ones((2, 11), bool))
+
+
+def test_shared_qk_lsh_has_no_key_projection_and_refuses_a_context():
+  mha = make_mha(attention='lsh', attention_options={'chunk_len': 4})
+  assert mha.key is None
+  x = jax.random.normal(jax.random.key(4), (1, 16, 32))
+  grads = nnx.grad(lambda m: jnp.sum(m(x, deterministic=True) ** 2))(mha)
+  # Every parameter gets a gradient: no dead projection.
+  assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match='cannot attend to a context'):
+    mha(x, x)
+  separate = make_mha(attention='lsh', attention_options={'chunk_len': 4, 'shared_qk': False})
+  assert separate.key is not None
+
+
+def test_dropout_under_plain_jit_with_explicit_rngs():
+  mha = make_mha(dropout_rate=0.5)
+  x = jax.random.normal(jax.random.key(5), (2, 10, 32))
+  step = jax.jit(lambda x, key: mha(x, rngs=key))
+  np.testing.assert_array_equal(step(x, jax.random.key(1)), step(x, jax.random.key(1)))
+  assert not np.allclose(step(x, jax.random.key(1)), step(x, jax.random.key(2)))
+  evaluate = jax.jit(lambda x: mha(x, deterministic=True))
+  np.testing.assert_allclose(evaluate(x), make_mha(dropout_rate=0.0)(x), atol=1e-6)

@@ -239,7 +239,7 @@ def _make(rngs, **options):
 def test_module_matches_pure_function():
   q, k, v = _qkv(24)
   attn = _make(nnx.Rngs(0))
-  assert isinstance(attn.feature_key, base.RandomState)
+  assert isinstance(attn.fixed_key, base.RandomState)
   features = attn.features(HEAD_DIM)
   for causal in (False, True):
     np.testing.assert_allclose(_call(attn, q, k, v, causal),

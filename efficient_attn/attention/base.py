@@ -18,18 +18,76 @@ from flax import nnx
 # not NaN; rows with no visible key are zeroed explicitly afterwards.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# Streams of an `nnx.Rngs` that random features and rotations are drawn from, in
+# order of preference ('params' last, so that modules also build under
+# `nnx.bridge.to_linen`, whose init provides only 'params').
+RANDOM_STREAMS = ('attention', 'default', 'params')
+
 _REGISTRY: dict[str, type['Attention']] = {}
 
 
 class RandomState(nnx.Variable):
-  """Non-trainable random state of a mechanism (fixed features, rotation keys)."""
+  """Non-trainable random state of a mechanism: uint32 key data, never a typed key."""
 
 
 class Attention(nnx.Module):
-  """Base class: subclasses implement `__call__(q, k, v, mask=None, causal=False)`."""
+  """Base class of every mechanism.
+
+  Subclasses implement `__call__(q, k, v, mask=None, causal=False, *,
+  deterministic=None, rngs=None)`; mechanisms without random parts accept and
+  ignore the last two.
+  """
 
   # Options that `make_attention` accepts; filled in by `register_attention`.
   options: tuple[str, ...] = ()
+  # Whether `__call__` reads `k`; False where keys are derived from the queries
+  # (shared-QK LSH), so that layers need no key projection.
+  uses_keys: bool = True
+  # Whether `causal=True` is possible; where not, calls with it raise ValueError.
+  supports_causal: bool = True
+
+
+class RandomAttention(Attention):
+  """An attention with random parts (rotations, features): the redraw contract.
+
+  A call with `deterministic=True` (or after `.eval()`) uses a key drawn once at
+  construction and stored as uint32 `RandomState`; a call with `rngs` (a key or
+  an `nnx.Rngs`) draws from it without touching module state, so it works inside
+  plain `jax.jit` / `jax.grad` / `jax.vmap`; otherwise the module's own stream
+  is advanced, which needs the `nnx` transforms.
+  """
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.deterministic = False
+    self.rngs = random_stream(rngs)
+    self.fixed_key = RandomState(jax.random.key_data(self.rngs()))
+
+  def call_key(self, deterministic: bool | None, rngs) -> jax.Array:
+    """The key of this call: fixed when deterministic, else from `rngs` or the module's stream."""
+    if self.deterministic if deterministic is None else deterministic:
+      return jax.random.wrap_key_data(self.fixed_key[...])
+    if rngs is not None:
+      return as_key(rngs)
+    return self.rngs()
+
+
+def as_key(rngs, streams: tuple[str, ...] = RANDOM_STREAMS) -> jax.Array:
+  """A typed key from a call's `rngs`: a typed key, uint32 key data, an RngStream or nnx.Rngs.
+
+  An `nnx.Rngs` is drawn from its first stream in `streams` (which advances it).
+  """
+  if isinstance(rngs, nnx.Rngs):
+    return random_stream(rngs, streams, fork=False)()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  if isinstance(rngs, jax.Array) or hasattr(rngs, 'dtype'):
+    if jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key):
+      return rngs
+    if rngs.dtype == jnp.uint32:
+      return jax.random.wrap_key_data(rngs)
+  raise ValueError(
+      f'rngs must be None, a jax random key (typed or uint32 key data), an nnx.RngStream '
+      f'or an nnx.Rngs, got {getattr(rngs, "dtype", type(rngs).__name__)}')
 
 
 def register_attention(name: str) -> Callable[[type[Attention]], type[Attention]]:
@@ -40,6 +98,7 @@ def register_attention(name: str) -> Callable[[type[Attention]], type[Attention]
       raise ValueError(f'attention {name!r} is already registered by {_REGISTRY[name]}')
     params = inspect.signature(cls.__init__).parameters
     cls.options = tuple(p for p in params if p not in ('self', 'rngs'))
+    cls.needs_rngs = params['rngs'].default is inspect.Parameter.empty
     cls.name = name
     _REGISTRY[name] = cls
     return cls
@@ -65,8 +124,9 @@ def make_attention(name: str, *, rngs: nnx.Rngs | None = None, **options) -> Att
 
   Args:
     name: one of `available_attentions()`.
-    rngs: random streams for parameters and random features; mechanisms without
-      parameters or randomness accept None.
+    rngs: random streams for parameters and random parts; required by every
+      mechanism that has either (there is no default seed), None accepted by
+      the others.
     **options: mechanism options (e.g. `backend` for 'full', `num_features` for
       'performer').
 
@@ -79,17 +139,20 @@ def make_attention(name: str, *, rngs: nnx.Rngs | None = None, **options) -> Att
     raise ValueError(
         f'unknown option(s) {unknown} for attention {name!r}; '
         f'valid options: {", ".join(cls.options) or "none"}')
-  if rngs is None:
-    rngs = nnx.Rngs(0)
+  if rngs is None and cls.needs_rngs:
+    raise ValueError(
+        f'attention {name!r} has parameters or random parts and needs rngs, e.g. '
+        f'make_attention({name!r}, rngs=nnx.Rngs(seed)); there is no default seed')
   return cls(**options, rngs=rngs)
 
 
-def random_stream(rngs: nnx.Rngs) -> nnx.RngStream:
-  """A private fork of the stream for random features: 'attention', else 'default' or 'params'."""
-  for name in ('attention', 'default', 'params'):
+def random_stream(rngs: nnx.Rngs, streams: tuple[str, ...] = RANDOM_STREAMS,
+                  fork: bool = True) -> nnx.RngStream:
+  """The first of `streams` that `rngs` has (a private fork of it unless `fork=False`)."""
+  for name in streams:
     if name in rngs:
-      return rngs[name].fork()
-  raise ValueError(f'rngs needs an "attention", "default" or "params" stream, got {rngs}')
+      return rngs[name].fork() if fork else rngs[name]
+  raise ValueError(f'rngs needs one of the streams {", ".join(map(repr, streams))}, got {rngs}')
 
 
 def check_choice(argument: str, value, allowed) -> None:

@@ -170,6 +170,8 @@ class LinformerAttention(base.Attention):
   `num_heads`. When given, `num_heads` is checked against the inputs.
   """
 
+  supports_causal = False
+
   def __init__(self, max_len: int = 4096, k: int = 256, share: str = 'none',
                per_head: bool = False, num_heads: int | None = None, *, rngs: nnx.Rngs):
     base.check_positive_int('max_len', max_len)
@@ -195,7 +197,7 @@ class LinformerAttention(base.Attention):
     """Drops the head axis of a projection shared by all heads."""
     return projection if self.per_head else projection[0]
 
-  def __call__(self, q, k, v, mask=None, causal=False):
+  def __call__(self, q, k, v, mask=None, causal=False, *, deterministic=None, rngs=None):
     base.check_inputs(q, k, v, mask)
     if causal:
       raise ValueError(

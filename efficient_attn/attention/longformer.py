@@ -373,11 +373,20 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.where(selector.any(1)[:, :, None, None], rows, out)
 
 
+def _raise_if_too_many_global(most, max_global: int) -> None:
+  """Raises ValueError when a row has more than `max_global` global tokens."""
+  if int(most) > max_global:
+    raise ValueError(
+        f'global_mask has {int(most)} global tokens in a row but max_global={max_global}; '
+        'raise max_global')
+
+
 def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> None:
   """Raises ValueError unless `global_mask` is None or a bool `[batch, len]` within `max_global`.
 
-  The global tokens of a row are counted only when the mask's values are known
-  (not under jit).
+  With concrete values the count is checked at once; under jit a host callback
+  checks it when the step runs, so the error surfaces (as a JaxRuntimeError
+  carrying this message) instead of global tokens being silently dropped.
   """
   if global_mask is None:
     return
@@ -388,12 +397,11 @@ def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> 
   if global_mask.shape != (batch, length):
     raise ValueError(
         f'global_mask must have shape [batch, len] = {(batch, length)}, got {global_mask.shape}')
-  if not isinstance(global_mask, jax.core.Tracer):
-    most = int(np.asarray(global_mask).sum(-1).max(initial=0))
-    if most > max_global:
-      raise ValueError(
-          f'global_mask has {most} global tokens in a row but max_global={max_global}; '
-          'raise max_global')
+  most = global_mask.sum(-1, dtype=jnp.int32).max(initial=0)
+  if isinstance(global_mask, jax.core.Tracer):
+    jax.debug.callback(_raise_if_too_many_global, most, max_global)
+  else:
+    _raise_if_too_many_global(most, max_global)
 
 
 @base.register_attention('longformer')
@@ -412,7 +420,8 @@ class LongformerAttention(base.Attention):
     self.max_global = max_global
     self.block = block
 
-  def __call__(self, q, k, v, mask=None, causal=False, global_mask=None):
+  def __call__(self, q, k, v, mask=None, causal=False, global_mask=None, *,
+               deterministic=None, rngs=None):
     base.check_inputs(q, k, v, mask, self_attention=True)
     check_global_mask(global_mask, q.shape[0], q.shape[1], self.max_global)
     return sliding_window_attention(

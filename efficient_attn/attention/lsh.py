@@ -446,14 +446,16 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
 
 
 @base.register_attention('lsh')
-class LSHAttention(base.Attention):
+class LSHAttention(base.RandomAttention):
   """LSH attention (Reformer); options documented in `lsh_attention`.
 
-  Random rotations: while training (`deterministic` False) fresh rotations are
-  drawn from the module's 'attention' stream (or 'default') on every call; after
-  `.eval()` (`deterministic` True) they are derived on every call from one key
-  drawn at construction and kept as `RandomState`, so evaluation is repeatable.
-  Both are reproducible from the seed of `rngs`. `n_buckets=None` picks
+  Random rotations (redraw policy): every call draws fresh rotations, from the
+  call's `rngs` when given (no module state is touched, so it works under plain
+  `jax.jit` / `jax.grad`), else from the module's 'attention' stream (or
+  'default', else 'params'); with `deterministic=True` (or after `.eval()`)
+  they come from one key drawn at construction and stored as uint32
+  `RandomState`, so evaluation is repeatable. All are reproducible from the
+  seed. `n_buckets=None` picks
   `default_n_buckets(length, chunk_len)` per call; `n_buckets=1` means no
   hashing (one bucket); otherwise n_buckets must be even. With `shared_qk`
   (default) `k` is ignored and the keys are the unit-normalised queries.
@@ -473,11 +475,10 @@ class LSHAttention(base.Attention):
     self.n_buckets = n_buckets
     self.chunk_len = chunk_len
     self.shared_qk = shared_qk
-    self.deterministic = False
-    self.rngs = base.random_stream(rngs)
-    self.eval_key = base.RandomState(self.rngs())
+    super().__init__(rngs)
+    self.uses_keys = not shared_qk
 
-  def __call__(self, q, k, v, mask=None, causal=False):
+  def __call__(self, q, k, v, mask=None, causal=False, *, deterministic=None, rngs=None):
     base.check_inputs(q, k, v, mask)
     if self.shared_qk and q.shape[1] != k.shape[1]:
       raise ValueError(
@@ -489,6 +490,6 @@ class LSHAttention(base.Attention):
     n_buckets = self.n_buckets
     if n_buckets is None:
       n_buckets = default_n_buckets(max(q.shape[1], k.shape[1]), self.chunk_len)
-    key = self.eval_key[...] if self.deterministic else self.rngs()
+    key = self.call_key(deterministic, rngs)
     rotations = draw_rotations(key, q.shape[2], self.n_hashes, q.shape[3], n_buckets)
     return lsh_attention(q, k, v, rotations, mask, causal, self.chunk_len, self.shared_qk)

@@ -243,15 +243,16 @@ def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Arra
 
 
 @base.register_attention('performer')
-class PerformerAttention(base.Attention):
+class PerformerAttention(base.RandomAttention):
   """FAVOR+ attention with positive orthogonal random features.
 
   Redraw policy: a feature key is drawn once at init from the 'attention' stream
-  of `rngs` (the 'default' stream when absent) and stored as `RandomState`; the
-  features are a deterministic function of it and head_dim. With
-  `redraw='fixed'` every call uses them. With `redraw='every_call'` each call in
-  training mode (`deterministic=False`) draws fresh features from the stream,
-  and evaluation (`model.eval()`) uses the fixed ones.
+  of `rngs` (else 'default', else 'params') and stored as uint32 `RandomState`;
+  the features are a deterministic function of it and head_dim. With
+  `redraw='fixed'` every call uses them. With `redraw='every_call'` each call
+  draws fresh features: from the call's `rngs` when given (no module state is
+  touched, so it works under plain `jax.jit`), else from the module's stream;
+  `deterministic=True` (or `.eval()`) uses the fixed ones.
 
   Options: `num_features` (m), `kernel` ('softmax' or 'relu'), `redraw`
   ('fixed' or 'every_call'), `chunk_len` (causal chunk) and `block_len`
@@ -266,24 +267,21 @@ class PerformerAttention(base.Attention):
     base.check_choice('redraw', redraw, REDRAW_POLICIES)
     base.check_positive_int('chunk_len', chunk_len)
     base.check_positive_int('block_len', block_len)
+    super().__init__(rngs)
     self.num_features = num_features
     self.kernel = kernel
     self.redraw = redraw
     self.chunk_len = chunk_len
     self.block_len = block_len
-    self.deterministic = False
-    self.rngs = base.random_stream(rngs)
-    self.feature_key = base.RandomState(jax.random.key_data(self.rngs()))
 
-  def features(self, head_dim: int) -> jax.Array:
-    """The random features `[num_features, head_dim]` for this call."""
-    if self.redraw == 'every_call' and not self.deterministic:
-      key = self.rngs()
-    else:
-      key = jax.random.wrap_key_data(self.feature_key[...])
+  def features(self, head_dim: int, deterministic: bool | None = None,
+               rngs=None) -> jax.Array:
+    """The random features `[num_features, head_dim]` for a call."""
+    key = self.call_key(True if self.redraw == 'fixed' else deterministic, rngs)
     return draw_orthogonal_features(key, self.num_features, head_dim)
 
-  def __call__(self, q, k, v, mask=None, causal=False):
+  def __call__(self, q, k, v, mask=None, causal=False, *, deterministic=None, rngs=None):
     base.check_inputs(q, k, v, mask, self_attention=causal)
-    return favor_attention(q, k, v, self.features(q.shape[-1]), mask, causal,
-                           self.kernel, self.chunk_len, self.block_len)
+    features = self.features(q.shape[-1], deterministic, rngs)
+    return favor_attention(q, k, v, features, mask, causal, self.kernel, self.chunk_len,
+                           self.block_len)
