@@ -146,8 +146,7 @@ def _project_case(name: str, length: int, causal: bool, batch: int, heads: int,
 
 def _project_step(name: str, length: int, mode: str, causal: bool, batch: int, heads: int,
                   head_dim: int):
-  """The compiled step of a project case as a call that runs it to completion, and
-  XLA's bytes for it."""
+  """Compiles a project case; returns a call running it to completion, and XLA's bytes."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -244,8 +243,7 @@ def _min_time(call, repeats: int, clock=time.perf_counter) -> float:
 
 def run_case(name: str, length: int, mode: str, causal: bool, batch: int, heads: int,
              head_dim: int, repeats: int) -> dict:
-  """Times one (mechanism or peer, length, mode) case in this process; mode is fwd or
-  fwd_bwd."""
+  """Times one (mechanism or peer, length, mode) case in this process; mode: fwd, fwd_bwd."""
   result = {'attention': name, 'length': length, 'mode': mode, 'causal': causal}
   shape = dict(length=length, mode=mode, causal=causal, batch=batch, heads=heads,
                head_dim=head_dim)
@@ -377,7 +375,10 @@ def write_results(rows: list[dict], info: dict, command: str, out_stem: str,
   if peers:
     lines += [
         '## Beside PyTorch peers', '',
-        '"peer / ours" is the peer\'s time over ours, in the same run (>1: ours is faster).',
+        '"peer / ours" is the peer\'s time over ours, in the same run (>1: ours is faster). '
+        'Peers run eagerly with torch.set_num_threads(cores): fwd under torch.no_grad, '
+        'fwd+bwd through torch.autograd.grad; "XLA MB" does not apply to them. PyTorch '
+        'slows down far more than XLA when the machine is busy: check the load above.',
         '',
         '| ours | peer | causal | length | ours fwd s | peer fwd s | peer / ours fwd | '
         'ours fwd+bwd s | peer fwd+bwd s | peer / ours fwd+bwd | ours step MB | '
