@@ -288,7 +288,8 @@ def missing_peer_packages(find_spec=importlib.util.find_spec) -> list[str]:
 
 
 def machine_info(peers: bool = False) -> dict:
-  """CPU, core count, memory and library versions (with `peers`, theirs too)."""
+  """CPU, core count, memory, jax backend and library versions (with `peers`, theirs too)."""
+  import jax
   cpu = platform.processor() or 'unknown'
   try:
     with open('/proc/cpuinfo') as f:
@@ -302,7 +303,7 @@ def machine_info(peers: bool = False) -> dict:
   versions = {'python': platform.python_version()}
   versions.update({p: importlib.metadata.version(p) for p in packages})
   return {'cpu': cpu, 'cores': os.cpu_count(), 'memory_gib': round(memory_gib, 1),
-          'versions': versions}
+          'backend': jax.default_backend(), 'versions': versions}
 
 
 def _format_seconds(row: dict | None) -> str:
@@ -337,7 +338,8 @@ def _header(info: dict, command: str, title: str) -> list[str]:
   return [
       f'# {title}', '',
       f'Command: `{command}`', '',
-      f'Machine: {info["cpu"]}, {info["cores"]} cores, {info["memory_gib"]} GiB. '
+      f'Machine: {info["cpu"]}, {info["cores"]} cores, {info["memory_gib"]} GiB, jax backend '
+      f'{info["backend"]}. '
       f'Load average (1, 5, 15 min) at start {load("load_start")}, at end {load("load_end")}.',
       '', f'Libraries: {versions}.', '',
       f'Batch {info["batch"]}, {info["heads"]} heads, head_dim {info["head_dim"]}, float32; '

@@ -74,7 +74,7 @@ def _row(name, length, mode, seconds, causal=False):
           'seconds': seconds, 'peak_bytes': 2e6, 'xla_bytes': 3e6}
 
 
-INFO = {'cpu': 'test cpu', 'cores': 2, 'memory_gib': 1.0,
+INFO = {'cpu': 'test cpu', 'cores': 2, 'memory_gib': 1.0, 'backend': 'cpu',
         'versions': {'jax': '0', 'torch': '1'}, 'batch': 1, 'heads': 8, 'head_dim': 64,
         'repeats': 2, 'load_start': (0.5, 0.25, 0.125), 'load_end': (1.0, 0.5, 0.25)}
 
