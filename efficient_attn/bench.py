@@ -10,8 +10,9 @@ sum(output) w.r.t. q, k, v and the parameters), then measures it:
 - time: the min wall time over `--repeats` calls (each to `block_until_ready`),
   after one untimed warm-up call;
 - step peak: the peak resident set during the warm-up and timed calls minus the
-  resident set just before them (compilation, inputs and parameters excluded). The kernel's
-  peak counter (VmHWM) is reset by writing "5" to /proc/self/clear_refs;
+  resident set just before them (compilation, inputs and parameters excluded).
+  The kernel's peak counter (VmHWM) is reset by writing "5" to
+  /proc/self/clear_refs;
 - XLA bytes: `compiled.memory_analysis()`, temp + output + argument bytes, the
   buffers XLA plans for the step (not for PyTorch peers).
 With `--peers` the PyTorch packages a user would pick instead run in the same
@@ -347,8 +348,9 @@ def _header(info: dict, command: str, title: str) -> list[str]:
       'w.r.t. the inputs and the parameters. Times in seconds: the min over '
       f'{info["repeats"]} calls after an untimed warm-up call. "step MB": the peak resident '
       'set during the warm-up and timed calls minus the resident set just before them '
-      '(compilation, inputs and parameters excluded), fwd+bwd. "XLA MB": XLA\'s memory analysis of the compiled '
-      'fwd+bwd step, temp + output + argument buffers. MB = 1e6 bytes.', '',
+      '(compilation, inputs and parameters excluded), fwd+bwd. "XLA MB": XLA\'s memory '
+      'analysis of the compiled fwd+bwd step, temp + output + argument buffers. '
+      'MB = 1e6 bytes.', '',
   ]
 
 
