@@ -410,7 +410,7 @@ def test_module_rotations_reproducible_from_seed():
 
 
 def test_module_draws_from_attention_stream_before_default():
-  key = lambda rngs: jax.random.key_data(lsh.LSHAttention(rngs=rngs).eval_key[...])
+  key = lambda rngs: lsh.LSHAttention(rngs=rngs).fixed_key[...]
   np.testing.assert_array_equal(key(nnx.Rngs(attention=3, default=0)),
                                 key(nnx.Rngs(attention=3, default=1)))
   np.testing.assert_array_equal(key(nnx.Rngs(0)), key(nnx.Rngs(default=0)))
