@@ -67,8 +67,8 @@ PEERS = {
                 '(k unused) and chunks of 64 that look one chunk back, as ours with '
                 'n_chunks_after=0. It differs: both hash rounds are sorted into one '
                 'sequence and chunked together (a chunk can span two rounds; the first '
-                'looks back at the last), and it hashes into n/64 buckets where ours uses '
-                '2n/64 (the paper and trax), so its hashing does half the work.'},
+                'looks back at the last). Both hash into n/64 buckets here (our default, as '
+                'the paper and trax, is 2n/64).'},
     'pt:local-attention': {
         'package': 'local-attention', 'module': 'local_attention', 'ours': 'longformer',
         'causal': (False,),
@@ -136,6 +136,9 @@ def _project_case(name: str, length: int, causal: bool, batch: int, heads: int,
   else:
     if name == 'linformer':
       options.setdefault('max_len', length)
+    if name == 'lsh':
+      # n / chunk_len buckets, as reformer-pytorch (the paper and trax use twice that).
+      options.setdefault('n_buckets', max(2, length // options['chunk_len'] // 2 * 2))
     module = ea.make_attention(name, rngs=nnx.Rngs(0), **options)
   if name == 'longformer':
     # One global token, the first, as in a classification [CLS] setting.
