@@ -3,8 +3,11 @@
 Each hash round puts every token into a bucket by angular LSH (Section 2,
 "Locality sensitive hashing"; random rotations drawn per head and round), sorts
 the tokens by (bucket, position), cuts the sorted sequence into chunks and lets
-each chunk of queries attend to its own chunk of keys, the chunk before it and,
-without causality, the chunk after it (Section 2, "LSH attention"; Figure 2).
+each chunk of queries attend to its own chunk of keys and the chunk before it
+(Section 2, "LSH attention"; Figure 2 shows this look-back). This is also the
+default of trax's `LSHSelfAttention` (`n_chunks_before=1, n_chunks_after=0`)
+and of reformer-pytorch; `n_chunks_after=1` adds the chunk after it, which the
+paper does not describe. Causal attention never looks forward.
 Rounds are combined with weights softmax over their log-sum-exps (Section 2,
 "Multi-round LSH attention"), as trax's `LSHSelfAttention` does. Choices,
 following trax's `LSHSelfAttention`:
@@ -12,23 +15,30 @@ following trax's `LSHSelfAttention`:
 - a query-key pair found by several rounds is counted once per round
   (duplicates are not removed);
 - padding keys get an extra bucket of their own, so they sort to the end and
-  never change where real tokens land.
+  never change where real tokens land;
+- more than 128 buckets are hashed as two factors (see `bucket_factors`).
 Where this differs from trax: logits are scaled by 1/sqrt(head_dim) also with
 shared query-keys (trax's unit keys make it q . k / |k| with no scale), and
 chunks of equal length are used when the length is not a multiple of
 `chunk_len` (ceil(length / chunk_len) chunks of at most `chunk_len` tokens).
 Without shared query-keys, queries and keys are hashed with the same rotations
-and sorted separately; query chunk i meets key chunk i and its neighbours
-(this also allows cross-attention).
+and sorted separately; query chunk i meets key chunk i and its neighbours.
+With q_len == kv_len this is self-attention: the mask marks padded queries too,
+which sort last like padding keys, so real queries meet real keys chunk by chunk
+(outputs at padded positions are not meaningful). With q_len != kv_len
+(cross-attention) the mask covers keys only: all queries are real, and the real
+keys are spread evenly over the key chunks in sorted order, so that query chunk
+i meets the same fraction of the sorted real keys as of the sorted queries.
 
 Memory is O(length * chunk_len * n_hashes) in the forward and backward pass;
 permutations are gathers whose gradients are gathers by the inverse
-permutation. Hashing costs O(length * head_dim * n_buckets), which with the
-default n_buckets (proportional to length) grows as length^2 / chunk_len; its
+permutation. Hashing costs O(length * head_dim * sqrt(n_buckets)) with
+factorised buckets (O(length * head_dim * n_buckets) up to 128 buckets); its
 memory stays linear (rows are hashed in blocks).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +61,12 @@ def num_chunks(q_len: int, kv_len: int, chunk_len: int) -> int:
   return max(-(-q_len // chunk_len), -(-kv_len // chunk_len))
 
 
+def check_n_chunks_after(n_chunks_after) -> None:
+  """Raises ValueError unless n_chunks_after is the int 0 or 1."""
+  if type(n_chunks_after) is not int or n_chunks_after not in (0, 1):
+    raise ValueError(f'n_chunks_after must be 0 or 1, got {n_chunks_after!r}')
+
+
 def default_n_buckets(length: int, chunk_len: int) -> int:
   """The default number of buckets: two per chunk, 2 * ceil(length / chunk_len).
 
@@ -59,37 +75,91 @@ def default_n_buckets(length: int, chunk_len: int) -> int:
   return 2 * num_chunks(length, length, chunk_len)
 
 
+# Above this many buckets, hashing uses two factors (trax's rule).
+_MAX_UNFACTORED_BUCKETS = 128
+
+
+def bucket_factors(n_buckets: int) -> tuple[int, ...]:
+  """The bucket counts of the hash factors: `(n_buckets,)` up to 128 buckets.
+
+  Above 128, two even factors as trax's `LSHSelfAttention` picks them: the power
+  of two at or above sqrt(n_buckets), and 2 * (n_buckets // (2 * that)). Their
+  product (the bucket count used) can be below n_buckets when n_buckets is not
+  a power of two.
+  """
+  if n_buckets <= _MAX_UNFACTORED_BUCKETS:
+    return (n_buckets,)
+  first = 2**math.ceil(math.log2(math.sqrt(n_buckets)))
+  return (first, 2 * (n_buckets // (2 * first)))
+
+
 def draw_rotations(key: jax.Array, heads: int, n_hashes: int, head_dim: int,
-                   n_buckets: int) -> jax.Array:
-  """Gaussian random rotations `[heads, n_hashes, head_dim, n_buckets // 2]` (float32)."""
-  return jax.random.normal(key, (heads, n_hashes, head_dim, n_buckets // 2), jnp.float32)
+                   n_buckets: int) -> jax.Array | tuple[jax.Array, ...]:
+  """Gaussian random rotations for `hash_buckets` (float32).
+
+  Args:
+    key: a PRNG key.
+    heads: number of heads.
+    n_hashes: number of hash rounds.
+    head_dim: size of the hashed vectors.
+    n_buckets: 1 (no hashing) or an even bucket count, factorised by
+      `bucket_factors`.
+
+  Returns:
+    `[heads, n_hashes, head_dim, n_buckets // 2]`, or above 128 buckets a tuple
+    with one such array per factor (the factor's bucket count in place of
+    n_buckets).
+  """
+  factors = bucket_factors(n_buckets)
+  halves = [factor // 2 for factor in factors]
+  rotations = jax.random.normal(key, (heads, n_hashes, head_dim, sum(halves)), jnp.float32)
+  if len(factors) == 1:
+    return rotations
+  return tuple(jnp.split(rotations, [halves[0]], axis=-1))
 
 
-def hash_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
+def _factor_rotations(rotations) -> tuple[jax.Array, ...]:
+  """The rotations of each hash factor, as a tuple."""
+  return tuple(rotations) if isinstance(rotations, (tuple, list)) else (rotations,)
+
+
+def hash_buckets(x: jax.Array, rotations) -> jax.Array:
   """Angular LSH buckets `[batch, heads, n_hashes, length]` of x `[batch, heads, length, dim]`.
 
   bucket = argmax([xR; -xR]) (Section 2, after Andoni et al. 2015); with
-  `rotations.shape[-1] == 0` every token is in bucket 0 (a single bucket).
+  `rotations.shape[-1] == 0` every token is in bucket 0 (a single bucket). With a
+  tuple of rotations (factors of sizes n_0, n_1, ...; see `draw_rotations`),
+  bucket = b_0 + n_0 * b_1 + n_0 * n_1 * b_2 ... with b_i hashed by factor i.
   """
   batch, heads, length, dim = x.shape
-  _, n_hashes, _, half = rotations.shape
-  if half == 0:
+  factors = _factor_rotations(rotations)
+  n_hashes = factors[0].shape[1]
+  halves = [r.shape[-1] for r in factors]
+  total = sum(halves)
+  if total == 0:
     return jnp.zeros((batch, heads, n_hashes, length), jnp.int32)
   # Heads lead both operands, so that the matmul runs per head without copies.
   x = x.astype(jnp.float32).transpose(1, 0, 2, 3).reshape(heads, batch * length, dim)
-  rotations = rotations.transpose(0, 2, 1, 3).reshape(heads, dim, n_hashes * half)
+  rotations = jnp.concatenate(factors, axis=-1)
+  rotations = rotations.transpose(0, 2, 1, 3).reshape(heads, dim, n_hashes * total)
 
   def buckets_of(rows):
     rotated = jnp.einsum('hnd,hdk->hnk', rows, rotations)
-    rotated = rotated.reshape(rows.shape[:2] + (n_hashes, half))
-    # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster
-    # than argmax; ties go to the first index, as in argmax.
-    high, high_index = jax.lax.top_k(rotated, 1)
-    low, low_index = jax.lax.top_k(-rotated, 1)
-    return jnp.where(high >= low, high_index, half + low_index)[..., 0]
+    rotated = rotated.reshape(rows.shape[:2] + (n_hashes, total))
+    buckets, stride, start = 0, 1, 0
+    for half in halves:
+      part = rotated[..., start:start + half]
+      # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster
+      # than argmax; ties go to the first index, as in argmax.
+      high, high_index = jax.lax.top_k(part, 1)
+      low, low_index = jax.lax.top_k(-part, 1)
+      buckets = buckets + stride * jnp.where(high >= low, high_index, half + low_index)[..., 0]
+      start += half
+      stride *= 2 * half
+    return buckets
 
   # The rotated vectors grow as length * n_buckets: in blocks of rows when large.
-  block = max(1, _HASH_BLOCK_SIZE // (heads * n_hashes * half))
+  block = max(1, _HASH_BLOCK_SIZE // (heads * n_hashes * total))
   if batch * length <= block:
     buckets = buckets_of(x)
   else:
@@ -110,11 +180,42 @@ def sort_by_bucket(buckets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]
     (order, inverse, sorted_buckets): `order[i]` is the position of the i-th
     sorted token, `inverse` undoes the sort, `sorted_buckets = buckets[order]`.
   """
-  positions = jax.lax.broadcasted_iota(jnp.int32, buckets.shape, buckets.ndim - 1)
+  positions = _positions(buckets.shape)
   sorted_buckets, order = jax.lax.sort((buckets, positions), dimension=-1,
                                        is_stable=True, num_keys=1)
-  _, inverse = jax.lax.sort((order, positions), dimension=-1, num_keys=1)
-  return order, inverse, sorted_buckets
+  return order, _inverse(order), sorted_buckets
+
+
+def _positions(shape) -> jax.Array:
+  """0, 1, ... along the last axis of `shape` (int32)."""
+  return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+  """The inverse of permutations `order` along the last axis."""
+  return jax.lax.sort((order, _positions(order.shape)), dimension=-1, num_keys=1)[1]
+
+
+def _spread_valid(order: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Interleaves sorted valid and invalid tokens evenly, each keeping its order.
+
+  Args:
+    order: int `[..., n]` a sort whose valid tokens come first.
+    valid: bool `[..., n]` validity in sorted order (True first).
+
+  Returns:
+    (order, valid) rearranged so that the k-th of m valid tokens sits near
+    position n * (k + 1/2) / m, and likewise the invalid ones.
+  """
+  n = order.shape[-1]
+  count = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)
+  rank = _positions(order.shape)
+  rank_among = jnp.where(valid, rank, rank - count).astype(jnp.float32)
+  among = jnp.where(valid, count, n - count).astype(jnp.float32)
+  quantile = (rank_among + 0.5) / jnp.maximum(among, 1.0)
+  _, order, valid = jax.lax.sort((quantile, order, valid), dimension=-1, is_stable=True,
+                                 num_keys=1)
+  return order, valid
 
 
 def _take_rows_impl(x, order):
@@ -214,12 +315,13 @@ class _Steps:
   A ring is one hash round of one batch row and head. Each step takes `group`
   consecutive query chunks of `ring_block` rings (about `rows_per_step` queries;
   one step, without a loop, when everything fits). Query chunk c sees key
-  chunks c - 1 (`before`), c and c + 1 (`after`), wrapping around within its
+  chunks c - 1 (`before`), c and, with `n_chunks_after`, c + 1 (`after`), wrapping around within its
   ring, so keys are padded by one wrapped chunk on each side that is seen and a
   step reads one contiguous slice of `span = group + before + after` key chunks.
   """
 
-  def __init__(self, rings: int, chunks: int, chunk: int, rows_per_step: int, causal: bool):
+  def __init__(self, rings: int, chunks: int, chunk: int, rows_per_step: int,
+               n_chunks_after: int):
     self.rings = rings
     self.chunks = chunks
     if chunks * chunk >= rows_per_step:
@@ -231,7 +333,7 @@ class _Steps:
     self.groups_per_ring = chunks // self.group
     self.count = rings // self.ring_block * self.groups_per_ring
     self.before = int(chunks > 1)
-    self.after = int(not causal and chunks > 2)
+    self.after = int(n_chunks_after > 0 and chunks > 2)
     self.width = self.before + 1 + self.after
     self.span = self.group + self.width - 1
 
@@ -290,8 +392,8 @@ class _Steps:
     return jax.lax.map(step, tuple(inputs) + (jnp.arange(self.count),))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after, rows_per_step):
   """Attention of each query chunk to its window of key chunks, in steps.
 
   Args:
@@ -300,16 +402,18 @@ def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
     q_pos: int `[rings, chunks, q_chunk]` original positions of the queries.
     k_info: int `[rings, chunks, kv_chunk]` original positions of the keys, -1
       for padding keys.
-    causal, shared_qk, rows_per_step: see `lsh_attention`.
+    causal, shared_qk, n_chunks_after, rows_per_step: see `lsh_attention`.
 
   Returns:
     (out `[rings, chunks, q_chunk, dv]`, lse float32 `[rings, chunks, q_chunk]`).
   """
-  return _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step)[0]
+  return _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after,
+                                rows_per_step)[0]
 
 
-def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
-  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, causal)
+def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after,
+                           rows_per_step):
+  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
   keys = steps.pad(kv), steps.pad(k_info)
 
   def step(inputs):
@@ -322,9 +426,10 @@ def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, rows_per_ste
   return (out, lse), (q, q_pos, keys, out, lse)
 
 
-def _chunked_attention_bwd(causal, shared_qk, rows_per_step, residuals, cotangents):
+def _chunked_attention_bwd(causal, shared_qk, n_chunks_after, rows_per_step, residuals,
+                           cotangents):
   q, q_pos, keys, out, lse = residuals
-  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, causal)
+  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
 
   def step(inputs):
     *per_query, index = inputs
@@ -341,10 +446,12 @@ def _chunked_attention_bwd(causal, shared_qk, rows_per_step, residuals, cotangen
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
-def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array,
+def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                  rotations: jax.Array | tuple[jax.Array, ...],
                   mask: jax.Array | None = None, causal: bool = False,
                   chunk_len: int = 128, shared_qk: bool = True,
-                  scale: float | None = None, rows_per_step: int = 1024) -> jax.Array:
+                  scale: float | None = None, rows_per_step: int = 1024,
+                  n_chunks_after: int = 0) -> jax.Array:
   """LSH attention (Kitaev et al. 2020) with the given random rotations.
 
   Args:
@@ -352,9 +459,11 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     k: `[batch, kv_len, heads, head_dim]`; ignored when `shared_qk` (the keys
       are then the unit-normalised queries).
     v: `[batch, kv_len, heads, value_dim]`.
-    rotations: float32 `[heads, n_hashes, head_dim, n_buckets // 2]`; a last
-      dimension of 0 means one bucket (no hashing). See `draw_rotations`.
-    mask: None or bool `[batch, kv_len]`, True for real keys.
+    rotations: float32 `[heads, n_hashes, head_dim, n_buckets // 2]`, or a
+      tuple of such arrays, one per hash factor; a last dimension of 0 means one
+      bucket (no hashing). See `draw_rotations`.
+    mask: None or bool `[batch, kv_len]`, True for real keys; with q_len ==
+      kv_len (self-attention) also for real queries (see the module docstring).
     causal: query i sees keys j <= i only (needs q_len == kv_len).
     chunk_len: longest chunk of sorted tokens; the sequence is cut into
       ceil(length / chunk_len) chunks of equal length (padded internally).
@@ -363,6 +472,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     scale: logit scale, default 1/sqrt(head_dim).
     rows_per_step: about how many sorted queries one step of the chunk loop
       handles; larger steps use more memory.
+    n_chunks_after: 0 (look back one chunk, as the paper and trax) or 1 (also
+      look forward one chunk); must be 0 when causal.
 
   Returns:
     `[batch, q_len, heads, value_dim]` in the dtype of q; zeros for queries that
@@ -375,12 +486,20 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
   if (shared_qk or causal) and q_len != kv_len:
     raise ValueError(f'shared_qk and causal LSH attention need q_len == kv_len, '
                      f'got {q_len} and {kv_len}')
-  if rotations.ndim != 4 or (rotations.shape[0], rotations.shape[2]) != (heads, head_dim):
+  check_n_chunks_after(n_chunks_after)
+  if causal and n_chunks_after:
+    raise ValueError('causal LSH attention looks back only: n_chunks_after must be 0')
+  factors = _factor_rotations(rotations)
+  shapes = [getattr(r, 'shape', None) for r in factors]
+  if any(shape is None or len(shape) != 4 or (shape[0], shape[2]) != (heads, head_dim)
+         or shape[1] != shapes[0][1] or (len(factors) > 1 and shape[3] == 0)
+         for shape in shapes):
     raise ValueError(f'rotations must have shape [heads={heads}, n_hashes, '
-                     f'head_dim={head_dim}, n_buckets // 2], got {rotations.shape}')
+                     f'head_dim={head_dim}, n_buckets // 2] (or be a tuple of such '
+                     f'arrays with equal n_hashes, one per factor), got {shapes}')
   scale = base.default_scale(head_dim) if scale is None else scale
-  n_hashes = rotations.shape[1]
-  n_buckets = max(1, 2 * rotations.shape[-1])
+  n_hashes = shapes[0][1]
+  n_buckets = math.prod(max(1, 2 * shape[3]) for shape in shapes)
   chunks = num_chunks(q_len, kv_len, chunk_len)
   q_chunk = -(-q_len // chunks)
   kv_chunk = -(-kv_len // chunks)
@@ -406,6 +525,7 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     return rows.reshape((batch * heads, 1) + rows.shape[2:])
 
   key_valid = base.key_mask_or_ones(mask, batch, kv_len)
+  self_attention = q_len == kv_len
   q_rows = to_rows(q, q_chunk)
   v_rows = to_rows(v.astype(q.dtype), kv_chunk)
   if shared_qk:
@@ -418,10 +538,15 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     k_sorted = (q_sorted * jax.lax.rsqrt(norm_sq + 1e-12)).astype(q.dtype)
     kv_sorted = jnp.concatenate([k_sorted, v_sorted], axis=-1)
   else:
-    q_order, q_inverse, _ = sort_tokens(q_rows, jnp.ones((batch, q_len), bool))
+    query_valid = key_valid if self_attention else jnp.ones((batch, q_len), bool)
+    q_order, q_inverse, _ = sort_tokens(q_rows, query_valid)
     q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
     k_rows = to_rows(k, kv_chunk)
     k_order, k_inverse, k_valid = sort_tokens(k_rows, key_valid)
+    if not self_attention:
+      # All queries are real: key chunk i gets the i-th share of the real keys.
+      k_order, k_valid = _spread_valid(k_order, k_valid)
+      k_inverse = _inverse(k_order)
     kv_sorted = _take_rows(flat(jnp.concatenate([k_rows, v_rows], -1)), k_order, k_inverse)
 
   def in_chunks(x):
@@ -431,7 +556,7 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
   out, lse = _chunked_attention(
       in_chunks(q_sorted * jnp.asarray(scale, q.dtype)), in_chunks(kv_sorted),
       in_chunks(q_order), in_chunks(jnp.where(k_valid, k_order, -1)),
-      causal, shared_qk, rows_per_step)
+      causal, shared_qk, n_chunks_after, rows_per_step)
   # Back to the original order (round r's sorted row i is position q_order[i]),
   # outputs and their lse in one gather.
   out_lse = jnp.concatenate([out.astype(jnp.float32), lse[..., None]], axis=-1)
@@ -460,7 +585,7 @@ class LSHAttention(base.Attention):
   """
 
   def __init__(self, n_hashes: int = 2, n_buckets: int | None = None, chunk_len: int = 128,
-               shared_qk: bool = True, *, rngs: nnx.Rngs):
+               shared_qk: bool = True, n_chunks_after: int = 0, *, rngs: nnx.Rngs):
     base.check_positive_int('n_hashes', n_hashes)
     if n_buckets is not None:
       base.check_positive_int('n_buckets', n_buckets)
@@ -469,10 +594,12 @@ class LSHAttention(base.Attention):
             f'n_buckets must be None, 1 (no hashing) or even, got {n_buckets!r}')
     base.check_positive_int('chunk_len', chunk_len)
     base.check_choice('shared_qk', shared_qk, (True, False))
+    check_n_chunks_after(n_chunks_after)
     self.n_hashes = n_hashes
     self.n_buckets = n_buckets
     self.chunk_len = chunk_len
     self.shared_qk = shared_qk
+    self.n_chunks_after = n_chunks_after
     self.deterministic = False
     self.rngs = base.random_stream(rngs)
     self.eval_key = base.RandomState(self.rngs())
@@ -491,4 +618,5 @@ class LSHAttention(base.Attention):
       n_buckets = default_n_buckets(max(q.shape[1], k.shape[1]), self.chunk_len)
     key = self.eval_key[...] if self.deterministic else self.rngs()
     rotations = draw_rotations(key, q.shape[2], self.n_hashes, q.shape[3], n_buckets)
-    return lsh_attention(q, k, v, rotations, mask, causal, self.chunk_len, self.shared_qk)
+    return lsh_attention(q, k, v, rotations, mask, causal, self.chunk_len, self.shared_qk,
+                         n_chunks_after=self.n_chunks_after)
