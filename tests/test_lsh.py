@@ -366,8 +366,10 @@ def test_padded_positions_change_no_real_output(options):
 
 def test_real_queries_of_self_attention_see_real_keys():
   # Non-causal self-attention: every real query has a real key in its own chunk.
+  # (With queries sorted as if all were real, the last two of 5 query chunks
+  # would meet padding keys only.)
   q, k, v, cotangent = random_inputs()
-  mask = padding_mask()
+  mask = jnp.asarray(np.arange(LENGTH) < 16)[None].repeat(BATCH, 0)
   out, _ = outputs_and_grads(lsh_function(**NON_CAUSAL_SEPARATE), q, k, v, mask, cotangent,
                              rotations(5))
   assert not np.any(np.all(np.asarray(out)[np.asarray(mask)] == 0, axis=-1))
@@ -464,7 +466,7 @@ def test_module_registered_with_defaults():
   attention = make()
   assert isinstance(attention, lsh.LSHAttention)
   assert (attention.n_hashes, attention.n_buckets, attention.chunk_len,
-          attention.shared_qk) == (2, None, 128, True)
+          attention.shared_qk, attention.n_chunks_after) == (2, None, 128, True, 0)
   assert attention.deterministic is False
 
 
@@ -513,6 +515,8 @@ def test_module_draws_from_attention_stream_before_default():
     (dict(chunk_len=0), 'chunk_len'),
     (dict(chunk_len=None), 'chunk_len'),
     (dict(shared_qk='yes'), 'shared_qk'),
+    (dict(n_chunks_after=2), 'n_chunks_after'),
+    (dict(n_chunks_after=True), 'n_chunks_after'),
     (dict(num_features=4), 'valid options'),
 ])
 def test_bad_options_raise(options, message):
@@ -534,6 +538,14 @@ def test_causal_cross_attention_raises():
     make(shared_qk=False)(q, k, v, causal=True)
   with pytest.raises(ValueError, match='causal'):
     lsh.lsh_attention(q, k, v, one_bucket(), causal=True, shared_qk=False)
+
+
+def test_causal_look_forward_raises():
+  q, k, v, _ = random_inputs()
+  with pytest.raises(ValueError, match='n_chunks_after'):
+    make(n_chunks_after=1)(q, k, v, causal=True)
+  with pytest.raises(ValueError, match='n_chunks_after'):
+    lsh.lsh_attention(q, k, v, one_bucket(), causal=True, n_chunks_after=1)
 
 
 def test_bad_inputs_raise():
