@@ -279,6 +279,18 @@ def test_factorised_hash_buckets_combine_the_factors():
   assert len(np.unique(buckets)) > 12  # both factors vary (24 buckets)
 
 
+def test_sort_by_bucket_is_stable_with_one_key_and_with_two(monkeypatch):
+  buckets = np.random.default_rng(0).integers(0, 5, (3, 2, 50)).astype(np.int32)
+  order = np.argsort(buckets, axis=-1, kind='stable')
+  for max_key in (lsh._MAX_SORT_KEY, 10):  # 10: (bucket, position) pairs as two keys
+    monkeypatch.setattr(lsh, '_MAX_SORT_KEY', max_key)
+    got_order, inverse, sorted_buckets = lsh.sort_by_bucket(jnp.asarray(buckets), 4)
+    np.testing.assert_array_equal(got_order, order)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(got_order), np.asarray(inverse), -1),
+                                  np.broadcast_to(np.arange(50), buckets.shape))
+    np.testing.assert_array_equal(sorted_buckets, np.take_along_axis(buckets, order, -1))
+
+
 def test_bucket_factors_follow_trax_above_128():
   assert lsh.bucket_factors(1) == (1,)
   assert lsh.bucket_factors(128) == (128,)

@@ -52,6 +52,8 @@ from efficient_attn.attention import base
 SELF_VALUE = 0.5 * base.MASK_VALUE
 # Rows whose maximum logit is at or below this saw no key at all.
 _NO_KEY_THRESHOLD = 0.75 * base.MASK_VALUE
+# Largest int32, the largest key of the one-array sort in `sort_by_bucket`.
+_MAX_SORT_KEY = 2**31 - 1
 # Most rotated-vector entries that hashing holds at once.
 _HASH_BLOCK_SIZE = 1 << 25
 
@@ -123,6 +125,20 @@ def _factor_rotations(rotations) -> tuple[jax.Array, ...]:
   return tuple(rotations) if isinstance(rotations, (tuple, list)) else (rotations,)
 
 
+def _argmax_of_both_signs(x: jax.Array) -> jax.Array:
+  """argmax([x; -x]) along the last axis, ties to the first index, as jnp.argmax.
+
+  From the max and min and the first index holding the winner: XLA on CPU runs
+  this about 3x faster than argmax or two top-1 searches.
+  """
+  high = jnp.max(x, axis=-1, keepdims=True)
+  low = jnp.min(x, axis=-1, keepdims=True)
+  positive = high >= -low
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  first = jnp.min(jnp.where(x == jnp.where(positive, high, low), index, x.shape[-1]), axis=-1)
+  return first + jnp.where(positive[..., 0], 0, x.shape[-1])
+
+
 def hash_buckets(x: jax.Array, rotations) -> jax.Array:
   """Angular LSH buckets `[batch, heads, n_hashes, length]` of x `[batch, heads, length, dim]`.
 
@@ -148,12 +164,7 @@ def hash_buckets(x: jax.Array, rotations) -> jax.Array:
     rotated = rotated.reshape(rows.shape[:2] + (n_hashes, total))
     buckets, stride, start = 0, 1, 0
     for half in halves:
-      part = rotated[..., start:start + half]
-      # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster
-      # than argmax; ties go to the first index, as in argmax.
-      high, high_index = jax.lax.top_k(part, 1)
-      low, low_index = jax.lax.top_k(-part, 1)
-      buckets = buckets + stride * jnp.where(high >= low, high_index, half + low_index)[..., 0]
+      buckets = buckets + stride * _argmax_of_both_signs(rotated[..., start:start + half])
       start += half
       stride *= 2 * half
     return buckets
@@ -170,19 +181,27 @@ def hash_buckets(x: jax.Array, rotations) -> jax.Array:
   return buckets.reshape(heads, batch, length, n_hashes).transpose(1, 0, 3, 2)
 
 
-def sort_by_bucket(buckets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sort_by_bucket(buckets: jax.Array, n_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Stable sort of each round by bucket, i.e. by (bucket, position).
 
   Args:
-    buckets: int `[..., length]`.
+    buckets: int `[..., length]`, each in [0, n_buckets].
+    n_buckets: the largest bucket.
 
   Returns:
     (order, inverse, sorted_buckets): `order[i]` is the position of the i-th
     sorted token, `inverse` undoes the sort, `sorted_buckets = buckets[order]`.
   """
+  length = buckets.shape[-1]
   positions = _positions(buckets.shape)
-  sorted_buckets, order = jax.lax.sort((buckets, positions), dimension=-1,
-                                       is_stable=True, num_keys=1)
+  if (n_buckets + 1) * length - 1 <= _MAX_SORT_KEY:
+    # One int key bucket * length + position: XLA on CPU sorts a single array
+    # of numbers more than 10x faster than a key with a payload.
+    keys = jax.lax.sort(buckets * length + positions, dimension=-1)
+    order, sorted_buckets = keys % length, keys // length
+  else:
+    sorted_buckets, order = jax.lax.sort((buckets, positions), dimension=-1,
+                                         is_stable=True, num_keys=1)
   return order, _inverse(order), sorted_buckets
 
 
@@ -192,8 +211,10 @@ def _positions(shape) -> jax.Array:
 
 
 def _inverse(order: jax.Array) -> jax.Array:
-  """The inverse of permutations `order` along the last axis."""
-  return jax.lax.sort((order, _positions(order.shape)), dimension=-1, num_keys=1)[1]
+  """The inverse of permutations `order` along the last axis, by a scatter."""
+  rows = tuple(i[..., None] for i in jnp.indices(order.shape[:-1], sparse=True))
+  return jnp.zeros_like(order).at[rows + (order,)].set(_positions(order.shape),
+                                                       unique_indices=True)
 
 
 def _spread_valid(order: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -518,7 +539,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     buckets = hash_buckets(rows, rotations)
     valid = base.pad_axis(valid, 1, rows.shape[2], False)
     buckets = jnp.where(valid[:, None, None, :], buckets, n_buckets)
-    order, inverse, sorted_buckets = sort_by_bucket(buckets.reshape(batch * heads, n_hashes, -1))
+    order, inverse, sorted_buckets = sort_by_bucket(
+        buckets.reshape(batch * heads, n_hashes, -1), n_buckets)
     return order, inverse, sorted_buckets < n_buckets
 
   def flat(rows):
