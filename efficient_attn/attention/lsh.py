@@ -331,14 +331,14 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 class _Steps:
-  """How the chunk loop walks the sorted chunks, and the key windows of each step.
+  """How the chunk loop walks the sorted chunks, and the key window of each chunk.
 
   A ring is one hash round of one batch row and head. Each step takes `group`
   consecutive query chunks of `ring_block` rings (about `rows_per_step` queries;
   one step, without a loop, when everything fits). Query chunk c sees key
-  chunks c - 1 (`before`), c and, with `n_chunks_after`, c + 1 (`after`), wrapping around within its
-  ring, so keys are padded by one wrapped chunk on each side that is seen and a
-  step reads one contiguous slice of `span = group + before + after` key chunks.
+  chunks c - 1 (`before`), c and, with `n_chunks_after`, c + 1 (`after`),
+  wrapping around within its ring; these windows are built once for all chunks,
+  so that a step reads contiguous rows.
   """
 
   def __init__(self, rings: int, chunks: int, chunk: int, rows_per_step: int,
@@ -356,7 +356,6 @@ class _Steps:
     self.before = int(chunks > 1)
     self.after = int(n_chunks_after > 0 and chunks > 2)
     self.width = self.before + 1 + self.after
-    self.span = self.group + self.width - 1
 
   def split(self, x):
     """`[rings, chunks, ...]` -> `[count, ring_block * group, ...]`, step-major."""
@@ -370,47 +369,28 @@ class _Steps:
     x = jnp.swapaxes(x, 1, 2)
     return x.reshape((self.rings, self.chunks) + x.shape[4:])
 
-  def pad(self, x):
-    """`[rings, chunks, chunk, ...]` with its wrapped neighbour chunks added."""
-    parts = [x[:, -1:]] * self.before + [x] + [x[:, :1]] * self.after
-    return jnp.concatenate(parts, axis=1)
+  def windows(self, x):
+    """`[rings, chunks, chunk, ...]` -> `[rings, chunks, width * chunk, ...]` key windows."""
+    parts = ([jnp.roll(x, 1, axis=1)] * self.before + [x]
+             + [jnp.roll(x, -1, axis=1)] * self.after)
+    return jnp.concatenate(parts, axis=2)
 
-  def read(self, padded, step):
-    """Key windows `[ring_block * group, width * chunk, ...]` of the query chunks of `step`."""
-    first_ring = step // self.groups_per_ring * self.ring_block
-    first_chunk = step % self.groups_per_ring * self.group
-    starts = (first_ring, first_chunk) + (0,) * (padded.ndim - 2)
-    sizes = (self.ring_block, self.span) + padded.shape[2:]
-    block = jax.lax.dynamic_slice(padded, starts, sizes)
-    windows = jnp.concatenate([block[:, w:w + self.group] for w in range(self.width)], axis=2)
-    return windows.reshape((-1,) + windows.shape[2:])
-
-  def fold(self, window_grad):
-    """A step's window gradient -> `[ring_block, span, chunk, d]`, summed by key chunk."""
-    grad = window_grad.reshape((self.ring_block, self.group, self.width, -1)
-                               + window_grad.shape[2:])
-    return sum(jnp.pad(grad[:, :, w], [(0, 0), (w, self.span - self.group - w), (0, 0), (0, 0)])
-               for w in range(self.width))
-
-  def unfold(self, folded):
-    """Stacked `fold` outputs `[count, ring_block, span, chunk, d]` -> `[rings, chunks, ...]`."""
-    folded = folded.reshape((-1, self.groups_per_ring) + folded.shape[1:])
-    grad = folded[:, :, :, self.before:self.before + self.group]
+  def unwindow(self, grad):
+    """Gradient w.r.t. `windows(x)` -> gradient w.r.t. x, summed over the windows."""
+    parts = jnp.split(grad, self.width, axis=2)
+    total = parts[self.before]
     if self.before:
-      # Slot 0 of a step is the chunk before its group: the previous group's last.
-      grad = grad.at[:, :, :, -1].add(jnp.roll(folded[:, :, :, 0], -1, axis=1))
+      total = total + jnp.roll(parts[0], -1, axis=1)
     if self.after:
-      # The last slot is the chunk after the group: the next group's first.
-      grad = grad.at[:, :, :, 0].add(jnp.roll(folded[:, :, :, -1], 1, axis=1))
-    grad = jnp.swapaxes(grad, 1, 2)
-    return grad.reshape((self.rings, self.chunks) + grad.shape[4:])
+      total = total + jnp.roll(parts[-1], 1, axis=1)
+    return total
 
   def map(self, step, inputs):
-    """`step((*inputs_of_step, step_index))` over all steps, outputs stacked."""
+    """`step(inputs_of_step)` over all steps (inputs split by `split`), outputs stacked."""
     if self.count == 1:
-      outputs = step(tuple(x[0] for x in inputs) + (0,))
+      outputs = step(tuple(x[0] for x in inputs))
       return jax.tree.map(lambda x: x[None], outputs)
-    return jax.lax.map(step, tuple(inputs) + (jnp.arange(self.count),))
+    return jax.lax.map(step, tuple(inputs))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -435,33 +415,29 @@ def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after, 
 def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after,
                            rows_per_step):
   steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
-  keys = steps.pad(kv), steps.pad(k_info)
 
   def step(inputs):
-    q_step, q_pos_step, index = inputs
-    kv_win, k_info_win = (steps.read(x, index) for x in keys)
-    return _chunk_forward(q_step, kv_win, q_pos_step, k_info_win, causal, shared_qk)
+    return _chunk_forward(*inputs, causal, shared_qk)
 
-  out, lse = steps.map(step, (steps.split(q), steps.split(q_pos)))
+  inputs = [steps.split(x) for x in (q, steps.windows(kv), q_pos, steps.windows(k_info))]
+  out, lse = steps.map(step, inputs)
   out, lse = steps.merge(out), steps.merge(lse)
-  return (out, lse), (q, q_pos, keys, out, lse)
+  return (out, lse), (q, kv, q_pos, k_info, out, lse)
 
 
 def _chunked_attention_bwd(causal, shared_qk, n_chunks_after, rows_per_step, residuals,
                            cotangents):
-  q, q_pos, keys, out, lse = residuals
+  q, kv, q_pos, k_info, out, lse = residuals
   steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
 
   def step(inputs):
-    *per_query, index = inputs
-    kv_win, k_info_win = (steps.read(x, index) for x in keys)
-    q_step, q_pos_step, out_step, lse_step, dout_step, dlse_step = per_query
-    dq, dkv = _chunk_backward(q_step, kv_win, q_pos_step, k_info_win, out_step, lse_step,
-                              dout_step, dlse_step, causal, shared_qk)
-    return dq, steps.fold(dkv)
+    return _chunk_backward(*inputs, causal, shared_qk)
 
-  dq, dkv = steps.map(step, [steps.split(x) for x in (q, q_pos, out, lse) + tuple(cotangents)])
-  return steps.merge(dq), steps.unfold(dkv).astype(keys[0].dtype), None, None
+  inputs = [steps.split(x) for x in (q, steps.windows(kv), q_pos, steps.windows(k_info), out,
+                                     lse) + tuple(cotangents)]
+  dq, dkv = steps.map(step, inputs)
+  dkv = steps.unwindow(steps.merge(dkv))
+  return steps.merge(dq), dkv.astype(kv.dtype), None, None
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
