@@ -460,7 +460,7 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                   rotations: jax.Array | tuple[jax.Array, ...],
                   mask: jax.Array | None = None, causal: bool = False,
                   chunk_len: int = 128, shared_qk: bool = True,
-                  scale: float | None = None, rows_per_step: int = 1024,
+                  scale: float | None = None, rows_per_step: int = 256,
                   n_chunks_after: int = 0) -> jax.Array:
   """LSH attention (Kitaev et al. 2020) with the given random rotations.
 
