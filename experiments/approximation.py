@@ -32,7 +32,7 @@ SWEEPS = {
     'performer': [({'num_features': m}, m) for m in (16, 32, 64, 128, 256, 512, 1024)],
     'linformer': [({'k': k}, k) for k in (16, 32, 64, 128, 256, 512, 1024)],
     'longformer': [({'window': w}, 2 * w + 1) for w in (8, 16, 32, 64, 128, 256, 512)],
-    'lsh': [({'chunk_len': c, 'n_hashes': h, 'shared_qk': False}, 3 * c * h)
+    'lsh': [({'chunk_len': c, 'n_hashes': h, 'shared_qk': False, 'n_chunks_after': 1}, 3 * c * h)
             for c, h in ((16, 1), (16, 2), (32, 2), (64, 2), (64, 4), (128, 4), (256, 4))],
 }
 

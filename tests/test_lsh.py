@@ -56,19 +56,24 @@ def relative_error(x, y):
   return np.max(np.abs(x - y)) / scale if scale else np.max(np.abs(x))
 
 
-# Configurations that several tests share (each compiles once). Non-causal: 6
-# chunks a round, loop steps of 2 chunks; causal shared: 5 chunks, steps of 2
+# Configurations that several tests share (each compiles once). Non-causal
+# shared: 6 chunks a round, loop steps of 2 chunks, looking forward too;
+# non-causal separate: 5 chunks, one step; causal shared: 5 chunks, steps of 2
 # rounds; causal separate: one step.
-NON_CAUSAL_SHARED = dict(causal=False, chunk_len=7, shared_qk=True, rows_per_step=14)
+NON_CAUSAL_SHARED = dict(causal=False, chunk_len=7, shared_qk=True, rows_per_step=14,
+                         n_chunks_after=1)
+NON_CAUSAL_SEPARATE = dict(causal=False, chunk_len=8, shared_qk=False, rows_per_step=1024)
 CAUSAL_SHARED = dict(causal=True, chunk_len=8, shared_qk=True, rows_per_step=80)
 CAUSAL_SEPARATE = dict(causal=True, chunk_len=8, shared_qk=False, rows_per_step=1024)
 
 
 @functools.cache
-def lsh_function(causal=False, chunk_len=8, shared_qk=True, rows_per_step=1024):
+def lsh_function(causal=False, chunk_len=8, shared_qk=True, rows_per_step=1024,
+                 n_chunks_after=0):
   """`lsh_attention` with static options, as a function of (q, k, v, mask, rotations)."""
   return lambda q, k, v, mask, rotations: lsh.lsh_attention(
-      q, k, v, rotations, mask, causal, chunk_len, shared_qk, rows_per_step=rows_per_step)
+      q, k, v, rotations, mask, causal, chunk_len, shared_qk, rows_per_step=rows_per_step,
+      n_chunks_after=n_chunks_after)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -119,41 +124,69 @@ def shared_qk_reference(q, v, mask, causal):
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
-hash_buckets = jax.jit(lsh.hash_buckets)
+def numpy_buckets(x, rotations):
+  """Angular LSH buckets `[b, h, rounds, n]` of x `[b, h, n, d]` by argmax in float64.
+
+  A tuple of rotations is a factorised hash: bucket = b_0 + n_0 * b_1 + ...
+  """
+  buckets, stride = 0, 1
+  for factor in rotations if isinstance(rotations, tuple) else (rotations,):
+    rotated = np.einsum('bhnd,hrdk->bhrnk', np.asarray(x, np.float64), np.asarray(factor))
+    buckets = buckets + stride * np.argmax(np.concatenate([rotated, -rotated], -1), -1)
+    stride *= 2 * factor.shape[-1]
+  return buckets
 
 
-def lsh_visibility(q, k, mask, rotations, causal, chunk_len, shared_qk):
-  """Which keys each query sees per round, from LSH's definition: bool `[b, h, rounds, n, n]`.
+def sorted_chunks(x, valid, rotations, chunk, spread=False):
+  """The chunk of each token after sorting by (bucket, position): `[b, h, rounds, n]`.
+
+  Tokens not `valid` `[b, n]` sort last; with `spread`, valid and invalid tokens
+  are then interleaved evenly, the k-th of m at about n * (k + 1/2) / m.
+  """
+  batch, length, heads, dim = x.shape
+  padded = -(-length // chunk) * chunk
+  rows = np.zeros((batch, heads, padded, dim), np.float32)
+  rows[:, :, :length] = np.asarray(x).transpose(0, 2, 1, 3)
+  valid = np.pad(np.asarray(valid), [(0, 0), (0, padded - length)])[:, None, None, :]
+  n_buckets = math.prod(max(1, 2 * r.shape[-1])
+                        for r in (rotations if isinstance(rotations, tuple) else (rotations,)))
+  buckets = np.where(valid, numpy_buckets(rows, rotations), n_buckets)
+  order = np.argsort(buckets, axis=-1, kind='stable')
+  if spread:
+    sorted_valid = np.take_along_axis(np.broadcast_to(valid, buckets.shape), order, -1)
+    count = sorted_valid.sum(-1, keepdims=True)
+    rank = np.arange(padded)
+    among = np.where(sorted_valid, rank, rank - count).astype(np.float32)
+    total = np.maximum(np.where(sorted_valid, count, padded - count), 1).astype(np.float32)
+    order = np.take_along_axis(order, np.argsort((among + 0.5) / total, -1, kind='stable'), -1)
+  rank = np.argsort(order, axis=-1)
+  return rank[..., :length] // chunk
+
+
+def lsh_visibility(q, k, mask, rotations, causal, chunk_len, shared_qk, n_chunks_after=0):
+  """Which keys each query sees per round, from LSH's definition: bool `[b, h, rounds, q, k]`.
 
   Query i sees key j in a round iff their chunks after sorting by (bucket,
-  position) are the same or neighbours (the one before, and after unless
-  causal), j is not padding, and j <= i when causal. Padding keys get bucket
-  n_buckets, after all others.
+  position) are the same or neighbours (the one before, and after with
+  `n_chunks_after`), j is not padding, and j <= i when causal. Padding keys get
+  bucket n_buckets, after all others; in self-attention so do padded queries; in
+  cross-attention real and padding keys are spread evenly over the chunks.
   """
-  batch, length, heads, dim = q.shape
-  chunks = lsh.num_chunks(length, length, chunk_len)
-  chunk = -(-length // chunks)
+  q_len, kv_len = q.shape[1], k.shape[1]
+  chunks = lsh.num_chunks(q_len, kv_len, chunk_len)
   mask = np.asarray(mask)
-
-  def chunk_of_each_token(x, tokens_valid):
-    rows = np.zeros((batch, heads, chunks * chunk, dim), np.float32)
-    rows[:, :, :length] = np.asarray(x).transpose(0, 2, 1, 3)
-    valid = np.zeros((batch, chunks * chunk), bool)
-    valid[:, :length] = tokens_valid
-    buckets = np.asarray(hash_buckets(jnp.asarray(rows), rotations))
-    buckets = np.where(valid[:, None, None, :], buckets, max(1, 2 * rotations.shape[-1]))
-    rank = np.argsort(np.argsort(buckets, axis=-1, kind='stable'), axis=-1)
-    return rank[..., :length] // chunk
-
-  q_chunk = chunk_of_each_token(q, mask if shared_qk else np.ones_like(mask))
-  k_chunk = q_chunk if shared_qk else chunk_of_each_token(k, mask)
+  cross = q_len != kv_len
+  q_valid = np.ones((q.shape[0], q_len), bool) if cross else mask
+  q_chunk = sorted_chunks(q, q_valid, rotations, -(-q_len // chunks))
+  k_chunk = q_chunk if shared_qk else sorted_chunks(k, mask, rotations, -(-kv_len // chunks),
+                                                    spread=cross)
   distance = (q_chunk[..., :, None] - k_chunk[..., None, :]) % chunks
   visible = (distance == 0) | (distance == 1 % chunks)
-  if not causal:
+  if n_chunks_after:
     visible |= distance == -1 % chunks
   visible &= mask[:, None, None, None, :]
   if causal:
-    visible &= np.tril(np.ones((length, length), bool))
+    visible &= np.tril(np.ones((q_len, kv_len), bool))
   return jnp.asarray(visible)
 
 
@@ -202,36 +235,82 @@ def test_shared_qk_attends_to_unit_queries_and_not_itself():
                [NO_PADDING, padding_mask()], one_bucket(), 1e-5)
 
 
+def assert_matches_oracle(options, inputs, rotation, mask):
+  """lsh_attention with `options` agrees with the dense oracle over `lsh_visibility`."""
+  q, k = inputs[:2]
+  visibility = lambda mask: lsh_visibility(q, k, mask, rotation, options['causal'],
+                                           options['chunk_len'], options['shared_qk'],
+                                           options.get('n_chunks_after', 0))
+  assert_close(lsh_function(**options), lsh_reference_function(options['shared_qk']), inputs,
+               [mask], rotation, 1e-5, reference_extra=visibility)
+
+
 @pytest.mark.parametrize('options', [
     NON_CAUSAL_SHARED,
+    NON_CAUSAL_SEPARATE,
     CAUSAL_SHARED,
     CAUSAL_SEPARATE,
-    dict(causal=False, chunk_len=20, shared_qk=False, rows_per_step=1024),  # 2 chunks
+    dict(causal=False, chunk_len=20, shared_qk=False, rows_per_step=1024,
+         n_chunks_after=1),  # 2 chunks: the chunk after is the chunk before
 ])
 def test_hashed_chunks_match_dense_oracle(options):
-  q, k, v, cotangent = inputs = random_inputs()
-  rotation = rotations(options['chunk_len'])
-  visibility = lambda mask: lsh_visibility(q, k, mask, rotation, options['causal'],
-                                           options['chunk_len'], options['shared_qk'])
-  assert_close(lsh_function(**options), lsh_reference_function(options['shared_qk']), inputs,
-               [padding_mask()], rotation, 1e-5, reference_extra=visibility)
+  assert_matches_oracle(options, random_inputs(), rotations(options['chunk_len']),
+                        padding_mask())
+
+
+def test_factorised_hashing_matches_dense_oracle():
+  factors = (rotations(10, n_buckets=4), rotations(11, n_buckets=2))  # 8 buckets
+  assert_matches_oracle(NON_CAUSAL_SEPARATE, random_inputs(), factors, padding_mask())
 
 
 def test_hash_buckets_are_argmax_of_rotated_and_negated():
   x = random_inputs()[0].transpose(0, 2, 1, 3)
   rotation = rotations(0, n_hashes=3, n_buckets=8)
-  rotated = np.einsum('bhnd,hrdk->bhrnk', np.asarray(x, np.float64), np.asarray(rotation))
-  expected = np.argmax(np.concatenate([rotated, -rotated], axis=-1), axis=-1)
-  np.testing.assert_array_equal(hash_buckets(x, rotation), expected)
-  assert np.max(hash_buckets(x, one_bucket())) == 0
+  np.testing.assert_array_equal(lsh.hash_buckets(x, rotation), numpy_buckets(x, rotation))
+  assert np.max(lsh.hash_buckets(x, one_bucket())) == 0
+
+
+def test_factorised_hash_buckets_combine_the_factors():
+  x = random_inputs()[0].transpose(0, 2, 1, 3)
+  factors = (rotations(1, n_hashes=3, n_buckets=6), rotations(2, n_hashes=3, n_buckets=4))
+  buckets = np.asarray(lsh.hash_buckets(x, factors))
+  np.testing.assert_array_equal(buckets, numpy_buckets(x, factors))
+  np.testing.assert_array_equal(buckets % 6, numpy_buckets(x, factors[0]))
+  assert len(np.unique(buckets)) > 12  # both factors vary (24 buckets)
+
+
+def test_sort_by_bucket_is_stable_with_one_key_and_with_two(monkeypatch):
+  buckets = np.random.default_rng(0).integers(0, 5, (3, 2, 50)).astype(np.int32)
+  order = np.argsort(buckets, axis=-1, kind='stable')
+  for max_key in (lsh._MAX_SORT_KEY, 10):  # 10: (bucket, position) pairs as two keys
+    monkeypatch.setattr(lsh, '_MAX_SORT_KEY', max_key)
+    got_order, inverse, sorted_buckets = lsh.sort_by_bucket(jnp.asarray(buckets), 4)
+    np.testing.assert_array_equal(got_order, order)
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(got_order), np.asarray(inverse), -1),
+                                  np.broadcast_to(np.arange(50), buckets.shape))
+    np.testing.assert_array_equal(sorted_buckets, np.take_along_axis(buckets, order, -1))
+
+
+def test_bucket_factors_follow_trax_above_128():
+  assert lsh.bucket_factors(1) == (1,)
+  assert lsh.bucket_factors(128) == (128,)
+  assert lsh.bucket_factors(256) == (16, 16)
+  assert lsh.bucket_factors(512) == (32, 16)
+  assert lsh.bucket_factors(200) == (16, 12)  # 192 buckets
+  rotation = lsh.draw_rotations(jax.random.key(0), HEADS, 2, DIM, 512)
+  assert [r.shape for r in rotation] == [(HEADS, 2, DIM, 16), (HEADS, 2, DIM, 8)]
+  assert lsh.draw_rotations(jax.random.key(0), HEADS, 2, DIM, 128).shape == (HEADS, 2, DIM, 64)
+  assert lsh.draw_rotations(jax.random.key(0), HEADS, 2, DIM, 1).shape == (HEADS, 2, DIM, 0)
 
 
 def test_hash_buckets_in_blocks_of_rows(monkeypatch):
   x = random_inputs()[0].transpose(0, 2, 1, 3)
   rotation = rotations(0, n_hashes=3, n_buckets=8)
   monkeypatch.setattr(lsh, '_HASH_BLOCK_SIZE', 7 * HEADS * 3 * 4)  # blocks of 7 rows
-  in_blocks = jax.jit(lambda x, rotation: lsh.hash_buckets(x, rotation))(x, rotation)
-  np.testing.assert_array_equal(in_blocks, hash_buckets(x, rotation))
+  in_blocks = lambda x: lsh.hash_buckets(x, rotation)
+  # The blocked path is taken (a loop over blocks), and it gives the same buckets.
+  assert 'scan' in str(jax.make_jaxpr(in_blocks)(x))
+  np.testing.assert_array_equal(jax.jit(in_blocks)(x), numpy_buckets(x, rotation))
 
 
 def test_cross_attention_one_bucket_is_exact_attention():
@@ -240,11 +319,19 @@ def test_cross_attention_one_bucket_is_exact_attention():
   assert_close(attention, dense_function(False), inputs, [padding_mask()], one_bucket(), 1e-5)
 
 
-def test_cross_attention_with_hashing_is_finite():
+def test_cross_attention_with_hashing_matches_dense_oracle():
+  # 5 chunks of 5 queries and 8 keys; real keys spread over the key chunks.
+  options = dict(NON_CAUSAL_SEPARATE, n_chunks_after=1)
+  inputs = random_inputs(length=24, kv_len=LENGTH)
+  assert_matches_oracle(options, inputs, rotations(12), padding_mask())
+
+
+def test_cross_attention_queries_all_see_real_keys():
+  # With keys padding last, late query chunks would meet padding keys only.
   q, k, v, _ = random_inputs(length=24, kv_len=LENGTH)
-  out = jax.jit(lsh_function(shared_qk=False))(q, k, v, padding_mask(), rotations(0))
-  assert out.shape == q.shape
-  assert np.isfinite(out).all()
+  mask = jnp.asarray(np.arange(LENGTH) < 16)[None].repeat(BATCH, 0)
+  out = jax.jit(lsh_function(**NON_CAUSAL_SEPARATE))(q, k, v, mask, rotations(12))
+  assert not np.any(np.all(np.asarray(out) == 0, axis=-1))
 
 
 def test_rounds_with_identical_rotations_equal_one_round():
@@ -273,18 +360,31 @@ def test_causal_outputs_ignore_later_keys_and_values(shared_qk):
       assert np.all(np.asarray(grad)[:, i + 1:] == 0)
 
 
-@pytest.mark.parametrize('options', [NON_CAUSAL_SHARED, CAUSAL_SEPARATE])
-def test_padded_keys_and_values_change_nothing(options):
+@pytest.mark.parametrize('options', [NON_CAUSAL_SHARED, NON_CAUSAL_SEPARATE, CAUSAL_SHARED,
+                                     CAUSAL_SEPARATE])
+def test_padded_positions_change_no_real_output(options):
   q, k, v, cotangent = random_inputs()
   mask = padding_mask()
   attention = lsh_function(**options)
   hidden = ~np.asarray(mask)[:, :, None, None]
-  noise_k, noise_v, _, _ = random_inputs(seed=6)
+  noise = random_inputs(seed=6)[:3]
   out, _ = outputs_and_grads(attention, q, k, v, mask, cotangent, rotations(5))
-  changed, _ = outputs_and_grads(attention, q, jnp.asarray(np.where(hidden, noise_k, k)),
-                                 jnp.asarray(np.where(hidden, noise_v, v)), mask, cotangent,
-                                 rotations(5))
-  np.testing.assert_array_equal(out, changed)
+  changed, _ = outputs_and_grads(
+      attention, *[jnp.asarray(np.where(hidden, n, x)) for x, n in zip((q, k, v), noise)],
+      mask, cotangent, rotations(5))
+  real = np.asarray(mask)
+  np.testing.assert_array_equal(np.asarray(out)[real], np.asarray(changed)[real])
+
+
+def test_real_queries_of_self_attention_see_real_keys():
+  # Non-causal self-attention: every real query has a real key in its own chunk.
+  # (With queries sorted as if all were real, the last two of 5 query chunks
+  # would meet padding keys only.)
+  q, k, v, cotangent = random_inputs()
+  mask = jnp.asarray(np.arange(LENGTH) < 16)[None].repeat(BATCH, 0)
+  out, _ = outputs_and_grads(lsh_function(**NON_CAUSAL_SEPARATE), q, k, v, mask, cotangent,
+                             rotations(5))
+  assert not np.any(np.all(np.asarray(out)[np.asarray(mask)] == 0, axis=-1))
 
 
 @pytest.mark.parametrize('shared_qk', [False, True])
@@ -348,14 +448,17 @@ def largest_intermediate(jaxpr):
   return max(sizes)
 
 
-def test_no_length_squared_intermediate():
-  length = 1024
-  q, k, v, _ = random_inputs(length=length, batch=1)
-  loss = lambda q, k, v: jnp.sum(lsh.lsh_attention(q, k, v, rotations(0, n_buckets=16),
-                                                   chunk_len=32))
-  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr
-  # Per head and round, logits are length x 3 chunks; length^2 would be 1M.
-  assert largest_intermediate(jaxpr) < length * length // 8
+def test_intermediates_grow_linearly_with_length():
+
+  def largest(length):
+    q, k, v, _ = random_inputs(length=length, batch=1)
+    loss = lambda q, k, v: jnp.sum(lsh.lsh_attention(
+        q, k, v, rotations(0, n_buckets=length // 64), chunk_len=32, n_chunks_after=1))
+    return largest_intermediate(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr)
+
+  # Per head and round, logits are length x 3 chunks and key windows 3 chunks
+  # per chunk: doubling the length doubles the largest value (length^2: 4x).
+  assert largest(2048) <= 2 * largest(1024)
 
 
 def test_default_n_buckets():
@@ -378,7 +481,7 @@ def test_module_registered_with_defaults():
   attention = make()
   assert isinstance(attention, lsh.LSHAttention)
   assert (attention.n_hashes, attention.n_buckets, attention.chunk_len,
-          attention.shared_qk) == (2, None, 128, True)
+          attention.shared_qk, attention.n_chunks_after) == (2, None, 128, True, 0)
   assert attention.deterministic is False
 
 
@@ -427,6 +530,8 @@ def test_module_draws_from_attention_stream_before_default():
     (dict(chunk_len=0), 'chunk_len'),
     (dict(chunk_len=None), 'chunk_len'),
     (dict(shared_qk='yes'), 'shared_qk'),
+    (dict(n_chunks_after=2), 'n_chunks_after'),
+    (dict(n_chunks_after=True), 'n_chunks_after'),
     (dict(num_features=4), 'valid options'),
 ])
 def test_bad_options_raise(options, message):
@@ -448,6 +553,14 @@ def test_causal_cross_attention_raises():
     make(shared_qk=False)(q, k, v, causal=True)
   with pytest.raises(ValueError, match='causal'):
     lsh.lsh_attention(q, k, v, one_bucket(), causal=True, shared_qk=False)
+
+
+def test_causal_look_forward_raises():
+  q, k, v, _ = random_inputs()
+  with pytest.raises(ValueError, match='n_chunks_after'):
+    make(n_chunks_after=1)(q, k, v, causal=True)
+  with pytest.raises(ValueError, match='n_chunks_after'):
+    lsh.lsh_attention(q, k, v, one_bucket(), causal=True, n_chunks_after=1)
 
 
 def test_bad_inputs_raise():

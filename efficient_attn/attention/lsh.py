@@ -3,8 +3,11 @@
 Each hash round puts every token into a bucket by angular LSH (Section 2,
 "Locality sensitive hashing"; random rotations drawn per head and round), sorts
 the tokens by (bucket, position), cuts the sorted sequence into chunks and lets
-each chunk of queries attend to its own chunk of keys, the chunk before it and,
-without causality, the chunk after it (Section 2, "LSH attention"; Figure 2).
+each chunk of queries attend to its own chunk of keys and the chunk before it
+(Section 2, "LSH attention"; Figure 2 shows this look-back). This is also the
+default of trax's `LSHSelfAttention` (`n_chunks_before=1, n_chunks_after=0`)
+and of reformer-pytorch; `n_chunks_after=1` adds the chunk after it, which the
+paper does not describe. Causal attention never looks forward.
 Rounds are combined with weights softmax over their log-sum-exps (Section 2,
 "Multi-round LSH attention"), as trax's `LSHSelfAttention` does. Choices,
 following trax's `LSHSelfAttention`:
@@ -12,23 +15,30 @@ following trax's `LSHSelfAttention`:
 - a query-key pair found by several rounds is counted once per round
   (duplicates are not removed);
 - padding keys get an extra bucket of their own, so they sort to the end and
-  never change where real tokens land.
+  never change where real tokens land;
+- more than 128 buckets are hashed as two factors (see `bucket_factors`).
 Where this differs from trax: logits are scaled by 1/sqrt(head_dim) also with
 shared query-keys (trax's unit keys make it q . k / |k| with no scale), and
 chunks of equal length are used when the length is not a multiple of
 `chunk_len` (ceil(length / chunk_len) chunks of at most `chunk_len` tokens).
 Without shared query-keys, queries and keys are hashed with the same rotations
-and sorted separately; query chunk i meets key chunk i and its neighbours
-(this also allows cross-attention).
+and sorted separately; query chunk i meets key chunk i and its neighbours.
+With q_len == kv_len this is self-attention: the mask marks padded queries too,
+which sort last like padding keys, so real queries meet real keys chunk by chunk
+(outputs at padded positions are not meaningful). With q_len != kv_len
+(cross-attention) the mask covers keys only: all queries are real, and the real
+keys are spread evenly over the key chunks in sorted order, so that query chunk
+i meets the same fraction of the sorted real keys as of the sorted queries.
 
 Memory is O(length * chunk_len * n_hashes) in the forward and backward pass;
 permutations are gathers whose gradients are gathers by the inverse
-permutation. Hashing costs O(length * head_dim * n_buckets), which with the
-default n_buckets (proportional to length) grows as length^2 / chunk_len; its
+permutation. Hashing costs O(length * head_dim * sqrt(n_buckets)) with
+factorised buckets (O(length * head_dim * n_buckets) up to 128 buckets); its
 memory stays linear (rows are hashed in blocks).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +52,10 @@ from efficient_attn.attention import base
 SELF_VALUE = 0.5 * base.MASK_VALUE
 # Rows whose maximum logit is at or below this saw no key at all.
 _NO_KEY_THRESHOLD = 0.75 * base.MASK_VALUE
+# Largest int32, the largest key of the one-array sort in `sort_by_bucket`.
+_MAX_SORT_KEY = 2**31 - 1
+# Above this many buckets, hashing uses two factors (trax's rule).
+_MAX_UNFACTORED_BUCKETS = 128
 # Most rotated-vector entries that hashing holds at once.
 _HASH_BLOCK_SIZE = 1 << 25
 
@@ -49,6 +63,12 @@ _HASH_BLOCK_SIZE = 1 << 25
 def num_chunks(q_len: int, kv_len: int, chunk_len: int) -> int:
   """Number of chunks the sorted queries and keys are cut into."""
   return max(-(-q_len // chunk_len), -(-kv_len // chunk_len))
+
+
+def check_n_chunks_after(n_chunks_after) -> None:
+  """Raises ValueError unless n_chunks_after is the int 0 or 1."""
+  if type(n_chunks_after) is not int or n_chunks_after not in (0, 1):
+    raise ValueError(f'n_chunks_after must be 0 or 1, got {n_chunks_after!r}')
 
 
 def default_n_buckets(length: int, chunk_len: int) -> int:
@@ -59,37 +79,96 @@ def default_n_buckets(length: int, chunk_len: int) -> int:
   return 2 * num_chunks(length, length, chunk_len)
 
 
+def bucket_factors(n_buckets: int) -> tuple[int, ...]:
+  """The bucket counts of the hash factors: `(n_buckets,)` up to 128 buckets.
+
+  Above 128, two even factors as trax's `LSHSelfAttention` picks them: the power
+  of two at or above sqrt(n_buckets), and 2 * (n_buckets // (2 * that)). Their
+  product (the bucket count used) can be below n_buckets when n_buckets is not
+  a power of two.
+  """
+  if n_buckets <= _MAX_UNFACTORED_BUCKETS:
+    return (n_buckets,)
+  first = 2**math.ceil(math.log2(math.sqrt(n_buckets)))
+  return (first, 2 * (n_buckets // (2 * first)))
+
+
 def draw_rotations(key: jax.Array, heads: int, n_hashes: int, head_dim: int,
-                   n_buckets: int) -> jax.Array:
-  """Gaussian random rotations `[heads, n_hashes, head_dim, n_buckets // 2]` (float32)."""
-  return jax.random.normal(key, (heads, n_hashes, head_dim, n_buckets // 2), jnp.float32)
+                   n_buckets: int) -> jax.Array | tuple[jax.Array, ...]:
+  """Gaussian random rotations for `hash_buckets` (float32).
+
+  Args:
+    key: a PRNG key.
+    heads: number of heads.
+    n_hashes: number of hash rounds.
+    head_dim: size of the hashed vectors.
+    n_buckets: 1 (no hashing) or an even bucket count, factorised by
+      `bucket_factors`.
+
+  Returns:
+    `[heads, n_hashes, head_dim, n_buckets // 2]`, or above 128 buckets a tuple
+    with one such array per factor (the factor's bucket count in place of
+    n_buckets).
+  """
+  factors = bucket_factors(n_buckets)
+  halves = [factor // 2 for factor in factors]
+  rotations = jax.random.normal(key, (heads, n_hashes, head_dim, sum(halves)), jnp.float32)
+  if len(factors) == 1:
+    return rotations
+  return tuple(jnp.split(rotations, [halves[0]], axis=-1))
 
 
-def hash_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
+def _factor_rotations(rotations) -> tuple[jax.Array, ...]:
+  """The rotations of each hash factor, as a tuple."""
+  return tuple(rotations) if isinstance(rotations, (tuple, list)) else (rotations,)
+
+
+def _argmax_of_both_signs(x: jax.Array) -> jax.Array:
+  """argmax([x; -x]) along the last axis, ties to the first index, as jnp.argmax.
+
+  From the max and min and the first index holding the winner: XLA on CPU runs
+  this 2-3x faster than argmax or two top-1 searches.
+  """
+  high = jnp.max(x, axis=-1, keepdims=True)
+  low = jnp.min(x, axis=-1, keepdims=True)
+  positive = high >= -low
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  first = jnp.min(jnp.where(x == jnp.where(positive, high, low), index, x.shape[-1]), axis=-1)
+  return first + jnp.where(positive[..., 0], 0, x.shape[-1])
+
+
+def hash_buckets(x: jax.Array, rotations) -> jax.Array:
   """Angular LSH buckets `[batch, heads, n_hashes, length]` of x `[batch, heads, length, dim]`.
 
   bucket = argmax([xR; -xR]) (Section 2, after Andoni et al. 2015); with
-  `rotations.shape[-1] == 0` every token is in bucket 0 (a single bucket).
+  `rotations.shape[-1] == 0` every token is in bucket 0 (a single bucket). With a
+  tuple of rotations (factors of sizes n_0, n_1, ...; see `draw_rotations`),
+  bucket = b_0 + n_0 * b_1 + n_0 * n_1 * b_2 ... with b_i hashed by factor i.
   """
   batch, heads, length, dim = x.shape
-  _, n_hashes, _, half = rotations.shape
-  if half == 0:
+  factors = _factor_rotations(rotations)
+  n_hashes = factors[0].shape[1]
+  halves = [r.shape[-1] for r in factors]
+  total = sum(halves)
+  if total == 0:
     return jnp.zeros((batch, heads, n_hashes, length), jnp.int32)
   # Heads lead both operands, so that the matmul runs per head without copies.
   x = x.astype(jnp.float32).transpose(1, 0, 2, 3).reshape(heads, batch * length, dim)
-  rotations = rotations.transpose(0, 2, 1, 3).reshape(heads, dim, n_hashes * half)
+  rotations = jnp.concatenate(factors, axis=-1)
+  rotations = rotations.transpose(0, 2, 1, 3).reshape(heads, dim, n_hashes * total)
 
   def buckets_of(rows):
     rotated = jnp.einsum('hnd,hdk->hnk', rows, rotations)
-    rotated = rotated.reshape(rows.shape[:2] + (n_hashes, half))
-    # argmax over [xR; -xR] as two top-1 searches, which XLA runs much faster
-    # than argmax; ties go to the first index, as in argmax.
-    high, high_index = jax.lax.top_k(rotated, 1)
-    low, low_index = jax.lax.top_k(-rotated, 1)
-    return jnp.where(high >= low, high_index, half + low_index)[..., 0]
+    rotated = rotated.reshape(rows.shape[:2] + (n_hashes, total))
+    buckets, stride, start = 0, 1, 0
+    for half in halves:
+      buckets = buckets + stride * _argmax_of_both_signs(rotated[..., start:start + half])
+      start += half
+      stride *= 2 * half
+    return buckets
 
   # The rotated vectors grow as length * n_buckets: in blocks of rows when large.
-  block = max(1, _HASH_BLOCK_SIZE // (heads * n_hashes * half))
+  block = max(1, _HASH_BLOCK_SIZE // (heads * n_hashes * total))
   if batch * length <= block:
     buckets = buckets_of(x)
   else:
@@ -100,21 +179,62 @@ def hash_buckets(x: jax.Array, rotations: jax.Array) -> jax.Array:
   return buckets.reshape(heads, batch, length, n_hashes).transpose(1, 0, 3, 2)
 
 
-def sort_by_bucket(buckets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sort_by_bucket(buckets: jax.Array, n_buckets: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Stable sort of each round by bucket, i.e. by (bucket, position).
 
   Args:
-    buckets: int `[..., length]`.
+    buckets: int `[..., length]`, each in [0, n_buckets].
+    n_buckets: the largest bucket.
 
   Returns:
     (order, inverse, sorted_buckets): `order[i]` is the position of the i-th
     sorted token, `inverse` undoes the sort, `sorted_buckets = buckets[order]`.
   """
-  positions = jax.lax.broadcasted_iota(jnp.int32, buckets.shape, buckets.ndim - 1)
-  sorted_buckets, order = jax.lax.sort((buckets, positions), dimension=-1,
-                                       is_stable=True, num_keys=1)
-  _, inverse = jax.lax.sort((order, positions), dimension=-1, num_keys=1)
-  return order, inverse, sorted_buckets
+  length = buckets.shape[-1]
+  positions = _positions(buckets.shape)
+  if (n_buckets + 1) * length - 1 <= _MAX_SORT_KEY:
+    # One int key bucket * length + position: XLA on CPU sorts a single array
+    # of numbers more than 10x faster than a key with a payload.
+    keys = jax.lax.sort(buckets * length + positions, dimension=-1)
+    order, sorted_buckets = keys % length, keys // length
+  else:
+    sorted_buckets, order = jax.lax.sort((buckets, positions), dimension=-1,
+                                         is_stable=True, num_keys=1)
+  return order, _inverse(order), sorted_buckets
+
+
+def _positions(shape) -> jax.Array:
+  """0, 1, ... along the last axis of `shape` (int32)."""
+  return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+  """The inverse of permutations `order` along the last axis, by a scatter."""
+  rows = tuple(i[..., None] for i in jnp.indices(order.shape[:-1], sparse=True))
+  return jnp.zeros_like(order).at[rows + (order,)].set(_positions(order.shape),
+                                                       unique_indices=True)
+
+
+def _spread_valid(order: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Interleaves sorted valid and invalid tokens evenly, each keeping its order.
+
+  Args:
+    order: int `[..., n]` a sort whose valid tokens come first.
+    valid: bool `[..., n]` validity in sorted order (True first).
+
+  Returns:
+    (order, valid) rearranged so that the k-th of m valid tokens sits near
+    position n * (k + 1/2) / m, and likewise the invalid ones.
+  """
+  n = order.shape[-1]
+  count = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.int32)
+  rank = _positions(order.shape)
+  rank_among = jnp.where(valid, rank, rank - count).astype(jnp.float32)
+  among = jnp.where(valid, count, n - count).astype(jnp.float32)
+  quantile = (rank_among + 0.5) / jnp.maximum(among, 1.0)
+  _, order, valid = jax.lax.sort((quantile, order, valid), dimension=-1, is_stable=True,
+                                 num_keys=1)
+  return order, valid
 
 
 def _take_rows_impl(x, order):
@@ -146,7 +266,9 @@ def _take_rows_bwd(residuals, dy):
   inverse, x_rounds = residuals
   dx = _take_rows_impl(dy, inverse)
   if x_rounds == 1:
-    dx = dx.sum(axis=1, keepdims=True, dtype=jnp.float32).astype(dy.dtype)
+    # Summed round by round: elementwise work runs faster than a reduction here.
+    rounds = [dx[:, r:r + 1].astype(jnp.float32) for r in range(dx.shape[1])]
+    dx = functools.reduce(jnp.add, rounds).astype(dy.dtype)
   return dx, None, None
 
 
@@ -209,17 +331,18 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 class _Steps:
-  """How the chunk loop walks the sorted chunks, and the key windows of each step.
+  """How the chunk loop walks the sorted chunks, and the key window of each chunk.
 
   A ring is one hash round of one batch row and head. Each step takes `group`
   consecutive query chunks of `ring_block` rings (about `rows_per_step` queries;
   one step, without a loop, when everything fits). Query chunk c sees key
-  chunks c - 1 (`before`), c and c + 1 (`after`), wrapping around within its
-  ring, so keys are padded by one wrapped chunk on each side that is seen and a
-  step reads one contiguous slice of `span = group + before + after` key chunks.
+  chunks c - 1 (`before`), c and, with `n_chunks_after`, c + 1 (`after`),
+  wrapping around within its ring; these windows are built once for all chunks,
+  so that a step reads contiguous rows.
   """
 
-  def __init__(self, rings: int, chunks: int, chunk: int, rows_per_step: int, causal: bool):
+  def __init__(self, rings: int, chunks: int, chunk: int, rows_per_step: int,
+               n_chunks_after: int):
     self.rings = rings
     self.chunks = chunks
     if chunks * chunk >= rows_per_step:
@@ -231,9 +354,8 @@ class _Steps:
     self.groups_per_ring = chunks // self.group
     self.count = rings // self.ring_block * self.groups_per_ring
     self.before = int(chunks > 1)
-    self.after = int(not causal and chunks > 2)
+    self.after = int(n_chunks_after > 0 and chunks > 2)
     self.width = self.before + 1 + self.after
-    self.span = self.group + self.width - 1
 
   def split(self, x):
     """`[rings, chunks, ...]` -> `[count, ring_block * group, ...]`, step-major."""
@@ -247,51 +369,32 @@ class _Steps:
     x = jnp.swapaxes(x, 1, 2)
     return x.reshape((self.rings, self.chunks) + x.shape[4:])
 
-  def pad(self, x):
-    """`[rings, chunks, chunk, ...]` with its wrapped neighbour chunks added."""
-    parts = [x[:, -1:]] * self.before + [x] + [x[:, :1]] * self.after
-    return jnp.concatenate(parts, axis=1)
+  def windows(self, x):
+    """`[rings, chunks, chunk, ...]` -> `[rings, chunks, width * chunk, ...]` key windows."""
+    parts = ([jnp.roll(x, 1, axis=1)] * self.before + [x]
+             + [jnp.roll(x, -1, axis=1)] * self.after)
+    return jnp.concatenate(parts, axis=2)
 
-  def read(self, padded, step):
-    """Key windows `[ring_block * group, width * chunk, ...]` of the query chunks of `step`."""
-    first_ring = step // self.groups_per_ring * self.ring_block
-    first_chunk = step % self.groups_per_ring * self.group
-    starts = (first_ring, first_chunk) + (0,) * (padded.ndim - 2)
-    sizes = (self.ring_block, self.span) + padded.shape[2:]
-    block = jax.lax.dynamic_slice(padded, starts, sizes)
-    windows = jnp.concatenate([block[:, w:w + self.group] for w in range(self.width)], axis=2)
-    return windows.reshape((-1,) + windows.shape[2:])
-
-  def fold(self, window_grad):
-    """A step's window gradient -> `[ring_block, span, chunk, d]`, summed by key chunk."""
-    grad = window_grad.reshape((self.ring_block, self.group, self.width, -1)
-                               + window_grad.shape[2:])
-    return sum(jnp.pad(grad[:, :, w], [(0, 0), (w, self.span - self.group - w), (0, 0), (0, 0)])
-               for w in range(self.width))
-
-  def unfold(self, folded):
-    """Stacked `fold` outputs `[count, ring_block, span, chunk, d]` -> `[rings, chunks, ...]`."""
-    folded = folded.reshape((-1, self.groups_per_ring) + folded.shape[1:])
-    grad = folded[:, :, :, self.before:self.before + self.group]
+  def unwindow(self, grad):
+    """Gradient w.r.t. `windows(x)` -> gradient w.r.t. x, summed over the windows."""
+    parts = jnp.split(grad, self.width, axis=2)
+    total = parts[self.before]
     if self.before:
-      # Slot 0 of a step is the chunk before its group: the previous group's last.
-      grad = grad.at[:, :, :, -1].add(jnp.roll(folded[:, :, :, 0], -1, axis=1))
+      total = total + jnp.roll(parts[0], -1, axis=1)
     if self.after:
-      # The last slot is the chunk after the group: the next group's first.
-      grad = grad.at[:, :, :, 0].add(jnp.roll(folded[:, :, :, -1], 1, axis=1))
-    grad = jnp.swapaxes(grad, 1, 2)
-    return grad.reshape((self.rings, self.chunks) + grad.shape[4:])
+      total = total + jnp.roll(parts[-1], 1, axis=1)
+    return total
 
   def map(self, step, inputs):
-    """`step((*inputs_of_step, step_index))` over all steps, outputs stacked."""
+    """`step(inputs_of_step)` over all steps (inputs split by `split`), outputs stacked."""
     if self.count == 1:
-      outputs = step(tuple(x[0] for x in inputs) + (0,))
+      outputs = step(tuple(x[0] for x in inputs))
       return jax.tree.map(lambda x: x[None], outputs)
-    return jax.lax.map(step, tuple(inputs) + (jnp.arange(self.count),))
+    return jax.lax.map(step, tuple(inputs))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after, rows_per_step):
   """Attention of each query chunk to its window of key chunks, in steps.
 
   Args:
@@ -300,51 +403,65 @@ def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
     q_pos: int `[rings, chunks, q_chunk]` original positions of the queries.
     k_info: int `[rings, chunks, kv_chunk]` original positions of the keys, -1
       for padding keys.
-    causal, shared_qk, rows_per_step: see `lsh_attention`.
+    causal, shared_qk, n_chunks_after, rows_per_step: see `lsh_attention`.
 
   Returns:
     (out `[rings, chunks, q_chunk, dv]`, lse float32 `[rings, chunks, q_chunk]`).
   """
-  return _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step)[0]
+  return _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after,
+                                rows_per_step)[0]
 
 
-def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, rows_per_step):
-  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, causal)
-  keys = steps.pad(kv), steps.pad(k_info)
+def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after,
+                           rows_per_step):
+  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
 
   def step(inputs):
-    q_step, q_pos_step, index = inputs
-    kv_win, k_info_win = (steps.read(x, index) for x in keys)
-    return _chunk_forward(q_step, kv_win, q_pos_step, k_info_win, causal, shared_qk)
+    return _chunk_forward(*inputs, causal, shared_qk)
 
-  out, lse = steps.map(step, (steps.split(q), steps.split(q_pos)))
+  inputs = [steps.split(x) for x in (q, steps.windows(kv), q_pos, steps.windows(k_info))]
+  out, lse = steps.map(step, inputs)
   out, lse = steps.merge(out), steps.merge(lse)
-  return (out, lse), (q, q_pos, keys, out, lse)
+  return (out, lse), (q, kv, q_pos, k_info, out, lse)
 
 
-def _chunked_attention_bwd(causal, shared_qk, rows_per_step, residuals, cotangents):
-  q, q_pos, keys, out, lse = residuals
-  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, causal)
+def _chunked_attention_bwd(causal, shared_qk, n_chunks_after, rows_per_step, residuals,
+                           cotangents):
+  q, kv, q_pos, k_info, out, lse = residuals
+  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
 
   def step(inputs):
-    *per_query, index = inputs
-    kv_win, k_info_win = (steps.read(x, index) for x in keys)
-    q_step, q_pos_step, out_step, lse_step, dout_step, dlse_step = per_query
-    dq, dkv = _chunk_backward(q_step, kv_win, q_pos_step, k_info_win, out_step, lse_step,
-                              dout_step, dlse_step, causal, shared_qk)
-    return dq, steps.fold(dkv)
+    return _chunk_backward(*inputs, causal, shared_qk)
 
-  dq, dkv = steps.map(step, [steps.split(x) for x in (q, q_pos, out, lse) + tuple(cotangents)])
-  return steps.merge(dq), steps.unfold(dkv).astype(keys[0].dtype), None, None
+  inputs = [steps.split(x) for x in (q, steps.windows(kv), q_pos, steps.windows(k_info), out,
+                                     lse) + tuple(cotangents)]
+  dq, dkv = steps.map(step, inputs)
+  dkv = steps.unwindow(steps.merge(dkv))
+  return steps.merge(dq), dkv.astype(kv.dtype), None, None
 
 
 _chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
-def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array,
+def _combine_rounds(out: jax.Array, lse: jax.Array) -> jax.Array:
+  """Rounds `[g, rounds, n, d]` weighted by their share of the softmax mass.
+
+  Section 2, "Multi-round LSH attention" (as trax): weights softmax over the
+  per-round lse `[g, rounds, n, 1]`. Written round by round, as elementwise
+  work, which XLA on CPU runs about 10x faster than reductions over rounds.
+  """
+  rounds = range(out.shape[1])
+  top = functools.reduce(jnp.maximum, [lse[:, r] for r in rounds])
+  weights = [jnp.exp(lse[:, r] - top) for r in rounds]
+  return sum(out[:, r] * weights[r] for r in rounds) / sum(weights)
+
+
+def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                  rotations: jax.Array | tuple[jax.Array, ...],
                   mask: jax.Array | None = None, causal: bool = False,
                   chunk_len: int = 128, shared_qk: bool = True,
-                  scale: float | None = None, rows_per_step: int = 1024) -> jax.Array:
+                  scale: float | None = None, rows_per_step: int = 256,
+                  n_chunks_after: int = 0) -> jax.Array:
   """LSH attention (Kitaev et al. 2020) with the given random rotations.
 
   Args:
@@ -352,9 +469,11 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     k: `[batch, kv_len, heads, head_dim]`; ignored when `shared_qk` (the keys
       are then the unit-normalised queries).
     v: `[batch, kv_len, heads, value_dim]`.
-    rotations: float32 `[heads, n_hashes, head_dim, n_buckets // 2]`; a last
-      dimension of 0 means one bucket (no hashing). See `draw_rotations`.
-    mask: None or bool `[batch, kv_len]`, True for real keys.
+    rotations: float32 `[heads, n_hashes, head_dim, n_buckets // 2]`, or a
+      tuple of such arrays, one per hash factor; a last dimension of 0 means one
+      bucket (no hashing). See `draw_rotations`.
+    mask: None or bool `[batch, kv_len]`, True for real keys; with q_len ==
+      kv_len (self-attention) also for real queries (see the module docstring).
     causal: query i sees keys j <= i only (needs q_len == kv_len).
     chunk_len: longest chunk of sorted tokens; the sequence is cut into
       ceil(length / chunk_len) chunks of equal length (padded internally).
@@ -363,6 +482,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     scale: logit scale, default 1/sqrt(head_dim).
     rows_per_step: about how many sorted queries one step of the chunk loop
       handles; larger steps use more memory.
+    n_chunks_after: 0 (look back one chunk, as the paper and trax) or 1 (also
+      look forward one chunk); must be 0 when causal.
 
   Returns:
     `[batch, q_len, heads, value_dim]` in the dtype of q; zeros for queries that
@@ -375,12 +496,20 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
   if (shared_qk or causal) and q_len != kv_len:
     raise ValueError(f'shared_qk and causal LSH attention need q_len == kv_len, '
                      f'got {q_len} and {kv_len}')
-  if rotations.ndim != 4 or (rotations.shape[0], rotations.shape[2]) != (heads, head_dim):
+  check_n_chunks_after(n_chunks_after)
+  if causal and n_chunks_after:
+    raise ValueError('causal LSH attention looks back only: n_chunks_after must be 0')
+  factors = _factor_rotations(rotations)
+  shapes = [getattr(r, 'shape', None) for r in factors]
+  if any(shape is None or len(shape) != 4 or (shape[0], shape[2]) != (heads, head_dim)
+         or shape[1] != shapes[0][1] or (len(factors) > 1 and shape[3] == 0)
+         for shape in shapes):
     raise ValueError(f'rotations must have shape [heads={heads}, n_hashes, '
-                     f'head_dim={head_dim}, n_buckets // 2], got {rotations.shape}')
+                     f'head_dim={head_dim}, n_buckets // 2] (or be a tuple of such '
+                     f'arrays with equal n_hashes, one per factor), got {shapes}')
   scale = base.default_scale(head_dim) if scale is None else scale
-  n_hashes = rotations.shape[1]
-  n_buckets = max(1, 2 * rotations.shape[-1])
+  n_hashes = shapes[0][1]
+  n_buckets = math.prod(max(1, 2 * shape[3]) for shape in shapes)
   chunks = num_chunks(q_len, kv_len, chunk_len)
   q_chunk = -(-q_len // chunks)
   kv_chunk = -(-kv_len // chunks)
@@ -399,29 +528,35 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
     buckets = hash_buckets(rows, rotations)
     valid = base.pad_axis(valid, 1, rows.shape[2], False)
     buckets = jnp.where(valid[:, None, None, :], buckets, n_buckets)
-    order, inverse, sorted_buckets = sort_by_bucket(buckets.reshape(batch * heads, n_hashes, -1))
+    order, inverse, sorted_buckets = sort_by_bucket(
+        buckets.reshape(batch * heads, n_hashes, -1), n_buckets)
     return order, inverse, sorted_buckets < n_buckets
 
   def flat(rows):
     return rows.reshape((batch * heads, 1) + rows.shape[2:])
 
   key_valid = base.key_mask_or_ones(mask, batch, kv_len)
+  self_attention = q_len == kv_len
   q_rows = to_rows(q, q_chunk)
   v_rows = to_rows(v.astype(q.dtype), kv_chunk)
   if shared_qk:
     # Keys are the unit-normalised queries: one sort for both, padding keys last.
     q_order, q_inverse, k_valid = sort_tokens(q_rows, key_valid)
     k_order = q_order
-    qv_sorted = _take_rows(flat(jnp.concatenate([q_rows, v_rows], -1)), q_order, q_inverse)
-    q_sorted, v_sorted = qv_sorted[..., :head_dim], qv_sorted[..., head_dim:]
+    q_sorted, v_sorted = (_take_rows(flat(x), q_order, q_inverse) for x in (q_rows, v_rows))
     norm_sq = jnp.sum(jnp.square(q_sorted.astype(jnp.float32)), axis=-1, keepdims=True)
     k_sorted = (q_sorted * jax.lax.rsqrt(norm_sq + 1e-12)).astype(q.dtype)
     kv_sorted = jnp.concatenate([k_sorted, v_sorted], axis=-1)
   else:
-    q_order, q_inverse, _ = sort_tokens(q_rows, jnp.ones((batch, q_len), bool))
+    query_valid = key_valid if self_attention else jnp.ones((batch, q_len), bool)
+    q_order, q_inverse, _ = sort_tokens(q_rows, query_valid)
     q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
     k_rows = to_rows(k, kv_chunk)
     k_order, k_inverse, k_valid = sort_tokens(k_rows, key_valid)
+    if not self_attention:
+      # All queries are real: key chunk i gets the i-th share of the real keys.
+      k_order, k_valid = _spread_valid(k_order, k_valid)
+      k_inverse = _inverse(k_order)
     kv_sorted = _take_rows(flat(jnp.concatenate([k_rows, v_rows], -1)), k_order, k_inverse)
 
   def in_chunks(x):
@@ -431,16 +566,11 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array, rotations: jax.Array
   out, lse = _chunked_attention(
       in_chunks(q_sorted * jnp.asarray(scale, q.dtype)), in_chunks(kv_sorted),
       in_chunks(q_order), in_chunks(jnp.where(k_valid, k_order, -1)),
-      causal, shared_qk, rows_per_step)
-  # Back to the original order (round r's sorted row i is position q_order[i]),
-  # outputs and their lse in one gather.
-  out_lse = jnp.concatenate([out.astype(jnp.float32), lse[..., None]], axis=-1)
-  out_lse = _take_rows(out_lse.reshape(batch * heads, n_hashes, chunks * q_chunk, -1),
-                       q_inverse, q_order)[:, :, :q_len]
-  out, lse = out_lse[..., :-1], out_lse[..., -1:]
-  # Rounds weighted by their share of the total softmax mass (Section 2,
-  # "Multi-round LSH attention"; trax): a softmax over the per-round lse.
-  out = jnp.sum(out * jax.nn.softmax(lse, axis=1), axis=1)
+      causal, shared_qk, n_chunks_after, rows_per_step)
+  # Back to the original order (round r's sorted row i is position q_order[i]).
+  out, lse = (_take_rows(x.reshape(batch * heads, n_hashes, chunks * q_chunk, -1),
+                         q_inverse, q_order)[:, :, :q_len] for x in (out, lse[..., None]))
+  out = _combine_rounds(out.astype(jnp.float32), lse)
   out = out.reshape(batch, heads, q_len, -1).transpose(0, 2, 1, 3)
   return out.astype(q.dtype)
 
@@ -455,14 +585,22 @@ class LSHAttention(base.RandomAttention):
   'default', else 'params'); with `deterministic=True` (or after `.eval()`)
   they come from one key drawn at construction and stored as uint32
   `RandomState`, so evaluation is repeatable. All are reproducible from the
-  seed. `n_buckets=None` picks
-  `default_n_buckets(length, chunk_len)` per call; `n_buckets=1` means no
-  hashing (one bucket); otherwise n_buckets must be even. With `shared_qk`
-  (default) `k` is ignored and the keys are the unit-normalised queries.
+  seed.
+
+  Options: `n_hashes` rounds; `n_buckets=None` picks
+  `default_n_buckets(length, chunk_len)` per call, `n_buckets=1` means no
+  hashing (one bucket), otherwise n_buckets must be even, and above 128 it is
+  factorised as trax does (so 200 becomes 16 x 12 = 192); `chunk_len`;
+  `shared_qk` (default True: `k` is ignored and the keys are the
+  unit-normalised queries); `n_chunks_after` 0 (look back one chunk, the paper
+  and trax) or 1 (also look forward one chunk; not with causal). The padding
+  mask: in self-attention padded positions sort last as queries and keys; in
+  cross-attention every query is real and the real keys are spread over the
+  key chunks.
   """
 
   def __init__(self, n_hashes: int = 2, n_buckets: int | None = None, chunk_len: int = 128,
-               shared_qk: bool = True, *, rngs: nnx.Rngs):
+               shared_qk: bool = True, n_chunks_after: int = 0, *, rngs: nnx.Rngs):
     base.check_positive_int('n_hashes', n_hashes)
     if n_buckets is not None:
       base.check_positive_int('n_buckets', n_buckets)
@@ -471,10 +609,12 @@ class LSHAttention(base.RandomAttention):
             f'n_buckets must be None, 1 (no hashing) or even, got {n_buckets!r}')
     base.check_positive_int('chunk_len', chunk_len)
     base.check_choice('shared_qk', shared_qk, (True, False))
+    check_n_chunks_after(n_chunks_after)
     self.n_hashes = n_hashes
     self.n_buckets = n_buckets
     self.chunk_len = chunk_len
     self.shared_qk = shared_qk
+    self.n_chunks_after = n_chunks_after
     super().__init__(rngs)
     self.uses_keys = not shared_qk
 
@@ -492,4 +632,5 @@ class LSHAttention(base.RandomAttention):
       n_buckets = default_n_buckets(max(q.shape[1], k.shape[1]), self.chunk_len)
     key = self.call_key(deterministic, rngs)
     rotations = draw_rotations(key, q.shape[2], self.n_hashes, q.shape[3], n_buckets)
-    return lsh_attention(q, k, v, rotations, mask, causal, self.chunk_len, self.shared_qk)
+    return lsh_attention(q, k, v, rotations, mask, causal, self.chunk_len, self.shared_qk,
+                         n_chunks_after=self.n_chunks_after)
