@@ -290,4 +290,5 @@ def merge(parts):
   total = weights.sum(0)
   out = sum(w[..., None] * o.astype(jnp.float32) for w, (o, _) in zip(weights, parts))
   out = (out / total[..., None]).astype(parts[0][0].dtype)
-  return out, jnp.where(top > NO_KEY_THRESHOLD, top + jnp.log(total), NO_KEY_LSE)
+  # Where no part saw a key, top + log(parts) rounds back to NO_KEY_LSE.
+  return out, top + jnp.log(total)
