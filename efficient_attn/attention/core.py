@@ -236,7 +236,20 @@ def _add_rows(x, start, rows):
   return jax.lax.dynamic_update_slice_in_dim(x, current + rows, start, axis=x.ndim - 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+# On CPU, the most bytes of float32 scores one block step holds: a step takes
+# as many of the H rows as fit, so that its scores stay in cache (measured in
+# experiments/results/blocked_tuning.md). Accelerators take all H rows.
+_CPU_STEP_BYTES = 1 << 20
+
+
+def heads_per_step(batch: int, heads: int, plan: Plan) -> int:
+  """How many of the H rows one block step computes together, decided for the current backend."""
+  if jax.default_backend() != 'cpu':
+    return heads
+  fit = _CPU_STEP_BYTES // (4 * batch * plan.q_block * plan.kv_block)
+  return max(d for d in range(1, heads + 1) if heads % d == 0 and (d <= fit or d == 1))
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
            plan: Plan) -> tuple[jax.Array, jax.Array]:
   """Blocked softmax attention of each query over the keys its plan and rule allow.
@@ -254,6 +267,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     out `[B, H, Lq, dv]` in the dtype of q (zeros for rows that see no key) and
     lse float32 `[B, H, Lq]` (`NO_KEY_LSE` for those rows).
   """
+  batch, heads = q.shape[:2]
+  group = heads_per_step(batch, heads, plan)
+  if group == heads:
+    return _attend(q, k, v, q_pos, k_pos, plan)
+  # [B, H, L, d] -> [H / group, B, group, L, d], one group of rows after another.
+  split = lambda x: jnp.moveaxis(x.reshape((batch, heads // group, group) + x.shape[2:]), 1, 0)
+  out, lse = jax.lax.map(lambda x: _attend(*x, q_pos, k_pos, plan), (split(q), split(k), split(v)))
+  join = lambda x: jnp.moveaxis(x, 0, 1).reshape((batch, heads) + x.shape[3:])
+  return join(out), join(lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, q_pos, k_pos, plan):
   return _forward(q, k, v, q_pos, k_pos, plan)
 
 
@@ -269,7 +295,7 @@ def _attend_bwd(plan, residuals, cotangents):
   return dq, dk, dv, None, None
 
 
-attend.defvjp(_attend_fwd, _attend_bwd)
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def merge(parts):
