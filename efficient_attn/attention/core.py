@@ -67,6 +67,19 @@ def full_plan(q_len: int, kv_len: int, q_block: int, kv_block: int, causal: bool
   return Plan(q_block, kv_block, -(-kv_len // kv_block), causal=causal)
 
 
+def to_rows(x: jax.Array, block: int) -> jax.Array:
+  """`[batch, len, heads, d]` -> the core's `[batch, heads, len, d]`, len padded to a multiple of block."""
+  return base.pad_axis(x.transpose(0, 2, 1, 3), 2, block)
+
+
+def key_positions(valid: jax.Array | None, length: int, block: int) -> jax.Array:
+  """Int `[batch or 1, len]` key positions, -1 where `valid` is False, padded with -1 to whole blocks."""
+  positions = jnp.arange(length)
+  if valid is not None:
+    positions = jnp.where(valid, positions, -1)
+  return base.pad_axis(jnp.atleast_2d(positions), 1, block, -1)
+
+
 def _visibility(q_pos, k_pos, plan):
   """Bool `[Bp, 1, bq, bk]` visibility and, with `own_key`, which visible keys are own keys."""
   q_pos, k_pos = q_pos[:, None, :, None], k_pos[:, None, None, :]
@@ -150,6 +163,7 @@ def _positions(pos, start, size):
 
 
 def _key_start(i, t, plan):
+  """First key of step t of query block i."""
   return i * plan.kv_stride + t * plan.kv_block
 
 
