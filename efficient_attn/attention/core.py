@@ -205,8 +205,9 @@ def _forward(q, k, v, q_pos, k_pos, plan):
 def _backward(q, k, v, q_pos, k_pos, out, lse, dout, dlse, plan):
   """Gradients w.r.t. q, k, v, one query block at a time (Dao 2023, Algorithm 2)."""
   bq, bk = plan.q_block, plan.kv_block
-  # ds = p * (dp - rowsum(dO * O) + dlse), as d lse / d logits = p.
-  correction = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1) - dlse
+  # ds = p * (dp - delta) with delta = rowsum(dO * O) - dlse (Dao 2023,
+  # Algorithm 2, line 4, plus the lse cotangent, as d lse / d logits = p).
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1) - dlse
   # +inf makes the recomputed probabilities of rows that saw no key exactly 0.
   lse = jnp.where(lse > NO_KEY_THRESHOLD, lse, jnp.inf)
 
@@ -214,7 +215,7 @@ def _backward(q, k, v, q_pos, k_pos, out, lse, dout, dlse, plan):
     dk, dv = carry
     qi, qp, doi = _rows(q, i * bq, bq), _positions(q_pos, i * bq, bq), _rows(dout, i * bq, bq)
     lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=2)[..., None]
-    corr_i = jax.lax.dynamic_slice_in_dim(correction, i * bq, bq, axis=2)[..., None]
+    delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)[..., None]
 
     def step(t, carry, masked):
       dq_i, dk, dv = carry
@@ -225,7 +226,7 @@ def _backward(q, k, v, q_pos, k_pos, out, lse, dout, dlse, plan):
       dv_j = jnp.einsum('bhqk,bhqd->bhkd', p.astype(doi.dtype), doi,
                         preferred_element_type=jnp.float32)
       dp = jnp.einsum('bhqd,bhkd->bhqk', doi, vj, preferred_element_type=jnp.float32)
-      ds = p * (dp - corr_i)
+      ds = p * (dp - delta_i)
       if own is not None:
         ds = jnp.where(own, 0.0, ds)  # the own-key logit is a constant
       ds = ds.astype(q.dtype)
