@@ -8,9 +8,9 @@ Which keys a query sees (`window` = w, `dilation` = r):
   global query sees every key and every query sees a global key. Causal mode
   keeps causality: a global key is seen only by queries at or after it, and a
   global query sees only keys at or before it. At most `max_global` (static)
-  global tokens per row: the module raises ValueError for more when the mask's
-  values are known; under jit the first `max_global` of a row are global and
-  later ones act as ordinary tokens.
+  global tokens per row: the module raises ValueError for more, at once when
+  the mask's values are known and, under jit, from a host callback when the
+  step runs (the pure function keeps the first `max_global` of a row global).
 - padding keys (`mask` False) are never seen, also when they are global.
 
 How it is computed, with no `len x len` array anywhere (forward or backward),
