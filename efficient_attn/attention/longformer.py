@@ -13,36 +13,31 @@ Which keys a query sees (`window` = w, `dilation` = r):
   later ones act as ordinary tokens.
 - padding keys (`mask` False) are never seen, also when they are global.
 
-How it is computed, with no `len x len` array anywhere (forward or backward):
+How it is computed, with no `len x len` array anywhere (forward or backward),
+as three calls of the blocked softmax core (`core.attend`):
 - band: with dilation r the sequence splits into r interleaved subsequences
   (positions with the same remainder mod r), each an undilated sliding window
-  of width w; a reshape puts the remainder next to the heads axis. Queries are
-  cut into blocks of `block` rows and each block attends to the strip of key
-  blocks that covers its window (neighbours on both sides, or only before it
-  when causal), with the exact window applied by a fixed `[block, strip]` mask.
-  A loop over query blocks with its own backward pass (FlashAttention-2 style,
-  probabilities recomputed from the saved log-sum-exp) keeps one block's scores
-  in memory at a time.
+  of width w; a reshape puts the remainder next to the batch axis. Queries are
+  cut into blocks of `block` rows and each block reads the strip of key blocks
+  that covers its window (neighbours on both sides, or only before it when
+  causal); the core's window rule on subsequence positions applies the exact
+  window. Global tokens are hidden from the band.
 - global keys: the global tokens of each row fill `max_global` slots (a
   one-hot selector from a running count, so gathering them is a small matrix
-  product). They are appended to every block's key strip, hidden from queries
-  that already have them in their window so that no key counts twice, and
-  share the block's softmax.
+  product); every query attends to them in a second call, merged with the band
+  by log-sum-exp (`core.merge`). As the band hides them, no key counts twice.
 - global queries: full rows `[max_global, len]` replace their windowed outputs.
 Time is O(len * (strip + max_global)) and memory O(len * (head_dim +
 max_global)), with strip = block * (1 + 2 * ceil(window / block)) keys (half
 the neighbours when causal). Softmax statistics are float32.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_attn.attention import base
-
+from efficient_attn.attention import base, core
 
 
 def _to_band_layout(x: jax.Array, dilation: int) -> jax.Array:
@@ -61,176 +56,6 @@ def _from_band_layout(x: jax.Array) -> jax.Array:
   return x.transpose(0, 3, 1, 2, 4).reshape(batch, sub_len * dilation, heads, dim)
 
 
-def _window_mask(block: int, before: int, after: int, window: int, causal: bool) -> np.ndarray:
-  """Bool `[block, strip]`: may row a of a query block see column t of its key strip."""
-  rows = np.arange(block)[:, None]
-  cols = np.arange((before + 1 + after) * block)[None, :]
-  offset = cols - before * block - rows  # key minus query position, in the subsequence
-  if causal:
-    return (offset <= 0) & (offset >= -window)
-  return np.abs(offset) <= window
-
-
-class _Band:
-  """Static shape of the band: block size and the strip of key blocks around a query block."""
-
-  def __init__(self, block: int, window: int, causal: bool):
-    self.block = block
-    self.before = -(-window // block)
-    self.after = 0 if causal else self.before
-    self.strip = (self.before + 1 + self.after) * block
-    self.window_mask = _window_mask(block, self.before, self.after, window, causal)
-    self.key = (block, window, causal)
-
-  def __hash__(self):
-    return hash(self.key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Band) and self.key == other.key
-
-
-def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
-  """`x[:, :, :, start:start + size]`."""
-  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=3)
-
-
-def _add_rows(x: jax.Array, start: jax.Array, rows: jax.Array) -> jax.Array:
-  """`x` with `rows` added to `x[:, :, :, start:start + len(rows)]`."""
-  current = _rows(x, start, rows.shape[3])
-  return jax.lax.dynamic_update_slice_in_dim(x, current + rows, start, axis=3)
-
-
-def _softmax_parts(scores: jax.Array):
-  """exp(scores - row max), its row sum and the row max, float32.
-
-  Hidden keys are at MASK_VALUE; a row max at or below MASK_VALUE / 2 means the
-  row sees no key.
-  """
-  # The max only stabilises exp(); it cancels in the result, so no gradient.
-  row_max = jax.lax.stop_gradient(scores.max(-1))
-  probs = jnp.exp(scores - row_max[..., None])
-  return probs, probs.sum(-1), row_max
-
-
-def _normalise(out: jax.Array, total: jax.Array, row_max: jax.Array) -> jax.Array:
-  """out / total, and zeros for rows that see no key."""
-  return jnp.where(row_max[..., None] > base.MASK_VALUE / 2, out / total[..., None], 0.0)
-
-
-def _block_keys(band, start, k, v, valid, global_k, global_v, global_seen):
-  """Keys and values a query block may see, and which it does see.
-
-  The keys are the strip of the block (in the padded key layout the strip of
-  the block at query `start` starts at key `start`) followed by the global keys.
-
-  Returns:
-    keys `[b, r, h, strip + slots, d]`, values likewise, and bool visibility
-    `[b, r, 1, block, strip + slots]`.
-  """
-  keys, values = _rows(k, start, band.strip), _rows(v, start, band.strip)
-  visible = _rows(valid, start, band.strip)[..., None, :] & band.window_mask
-  if global_k.shape[3]:
-    keys = jnp.concatenate([keys, global_k], axis=3)
-    values = jnp.concatenate([values, global_v], axis=3)
-    visible = jnp.concatenate([visible, _rows(global_seen, start, band.block)], axis=-1)
-  return keys, values, visible
-
-
-def _band_forward(q, k, v, valid, global_k, global_v, global_seen, band):
-  """Outputs and log-sum-exp `[b, r, h, queries]` of `_band_core`; lse is +inf where no key is seen."""
-
-  def one_block(carry, i):
-    out, lse = carry
-    start = i * band.block
-    keys, values, visible = _block_keys(band, start, k, v, valid, global_k, global_v,
-                                        global_seen)
-    scores = jnp.einsum('brhqd,brhkd->brhqk', _rows(q, start, band.block), keys,
-                        preferred_element_type=jnp.float32)
-    probs, total, row_max = _softmax_parts(jnp.where(visible, scores, base.MASK_VALUE))
-    out_i = jnp.einsum('brhqk,brhkd->brhqd', probs.astype(v.dtype), values,
-                       preferred_element_type=jnp.float32)
-    out_i = _normalise(out_i, total, row_max).astype(q.dtype)
-    # +inf makes the probabilities recomputed in the backward pass exactly 0.
-    lse_i = jnp.where(row_max > base.MASK_VALUE / 2, row_max + jnp.log(total), jnp.inf)
-    out = jax.lax.dynamic_update_slice_in_dim(out, out_i, start, axis=3)
-    lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_i, start, axis=3)
-    return (out, lse), None
-
-  init = (jnp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype), jnp.zeros(q.shape[:-1], jnp.float32))
-  blocks = q.shape[3] // band.block
-  return jax.lax.scan(one_block, init, jnp.arange(blocks))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _band_core(q, k, v, valid, global_k, global_v, global_seen, band):
-  """Attention of every query block over its strip of keys and the global keys.
-
-  Args:
-    q: pre-scaled queries `[batch, r, heads, queries, head_dim]`, queries a
-      multiple of `band.block`.
-    k: keys `[batch, r, heads, keys, head_dim]`, the queries' positions padded
-      with `band.before` blocks in front and `band.after` behind.
-    v: values, padded like k.
-    valid: bool `[batch, r, 1, keys]`, real keys.
-    global_k: global keys `[batch, r, heads, slots, head_dim]` (slots may be 0).
-    global_v: global values `[batch, r, heads, slots, value_dim]`.
-    global_seen: bool `[batch, r, 1, queries, slots]`, does the query see the
-      global key (and it is not already in its window).
-    band: static block and strip shape.
-
-  Returns:
-    `[batch, r, heads, queries, value_dim]` in the dtype of q.
-  """
-  return _band_forward(q, k, v, valid, global_k, global_v, global_seen, band)[0]
-
-
-def _band_core_fwd(q, k, v, valid, global_k, global_v, global_seen, band):
-  out, lse = _band_forward(q, k, v, valid, global_k, global_v, global_seen, band)
-  return out, (q, k, v, valid, global_k, global_v, global_seen, out, lse)
-
-
-def _band_core_bwd(band, residuals, dout):
-  """FlashAttention-2 backward (Dao 2023, Algorithm 2), one query block at a time."""
-  q, k, v, valid, global_k, global_v, global_seen, out, lse = residuals
-  # dL/ds = p * (dp - D), with D = rowsum(dO * O).
-  delta = jnp.einsum('brhqd,brhqd->brhq', dout.astype(jnp.float32), out.astype(jnp.float32))
-
-  def one_block(carry, i):
-    dq, dk, dv, dk_global, dv_global = carry
-    start = i * band.block
-    query_rows = lambda x: _rows(x, start, band.block)
-    q_i, dout_i = query_rows(q), query_rows(dout)
-    keys, values, visible = _block_keys(band, start, k, v, valid, global_k, global_v,
-                                        global_seen)
-    # Scores transposed, keys by queries, so that every product but dq has the
-    # layout XLA:CPU multiplies fastest.
-    scores = jnp.einsum('brhkd,brhqd->brhkq', keys, q_i, preferred_element_type=jnp.float32)
-    scores = jnp.where(jnp.swapaxes(visible, -1, -2), scores, base.MASK_VALUE)
-    probs = jnp.exp(scores - query_rows(lse)[..., None, :])
-    dp = jnp.einsum('brhkd,brhqd->brhkq', values, dout_i, preferred_element_type=jnp.float32)
-    ds = (probs * (dp - query_rows(delta)[..., None, :])).astype(q.dtype)
-    dv_keys = jnp.einsum('brhkq,brhqd->brhkd', probs.astype(v.dtype), dout_i,
-                         preferred_element_type=jnp.float32)
-    dk_keys = jnp.einsum('brhkq,brhqd->brhkd', ds, q_i, preferred_element_type=jnp.float32)
-    dq_i = jnp.einsum('brhkq,brhkd->brhqd', ds, keys, preferred_element_type=jnp.float32)
-    dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i.astype(q.dtype), start, axis=3)
-    dk = _add_rows(dk, start, dk_keys[:, :, :, :band.strip])
-    dv = _add_rows(dv, start, dv_keys[:, :, :, :band.strip])
-    dk_global += dk_keys[:, :, :, band.strip:]
-    dv_global += dv_keys[:, :, :, band.strip:]
-    return (dq, dk, dv, dk_global, dv_global), None
-
-  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  init = (jnp.zeros_like(q), zeros(k), zeros(v), zeros(global_k), zeros(global_v))
-  blocks = q.shape[3] // band.block
-  (dq, dk, dv, dk_global, dv_global), _ = jax.lax.scan(one_block, init, jnp.arange(blocks))
-  return (dq, dk.astype(k.dtype), dv.astype(v.dtype), None, dk_global.astype(global_k.dtype),
-          dv_global.astype(global_v.dtype), None)
-
-
-_band_core.defvjp(_band_core_fwd, _band_core_bwd)
-
-
 def global_selector(global_mask: jax.Array, max_global: int) -> jax.Array:
   """One-hot bool `[batch, slots, len]` of the first `max_global` global tokens of each row.
 
@@ -242,57 +67,11 @@ def global_selector(global_mask: jax.Array, max_global: int) -> jax.Array:
   return global_mask[:, None, :] & (rank[:, None, :] == np.arange(slots)[:, None])
 
 
-def _global_keys_seen(positions, has_key, query_pos, window, dilation, causal):
-  """Bool `[batch, r, 1, queries, slots]`: does a query see a global key outside its window.
-
-  Args:
-    positions: int `[batch, slots]`, sequence position of each global key.
-    has_key: bool `[batch, slots]`, the slot holds a real (non-padding) key.
-    query_pos: int `[r, queries]`, sequence position of each query.
-    window, dilation, causal: the window (already capped to the length).
-  """
-  offset = positions[:, None, None, :] - query_pos[None, :, :, None]  # key minus query
-  span = dilation * window
-  if causal:
-    in_window = (offset <= 0) & (offset >= -span)
-  else:
-    in_window = jnp.abs(offset) <= span
-  in_window &= offset % dilation == 0
-  # A global key inside the window is counted there already.
-  seen = has_key[:, None, None, :] & ~in_window
-  if causal:
-    seen &= offset <= 0
-  return seen[:, :, None]
-
-
-def _global_rows(q_global, k, v, valid, key_pos, query_pos, causal):
-  """Outputs of global queries over all keys, with keys in flat band layout.
-
-  Args:
-    q_global: pre-scaled global queries `[batch, r, heads, slots, head_dim]`
-      (the same for every r).
-    k: keys `[batch, r, heads, keys, head_dim]`.
-    v: values `[batch, r, heads, keys, value_dim]`.
-    valid: bool `[batch, r, 1, 1, keys]`, real keys.
-    key_pos: int `[r, 1, 1, keys]`, sequence position of each key.
-    query_pos: int `[batch, slots]`, sequence position of each global query.
-    causal: hide keys after the query.
-
-  Returns:
-    `[batch, slots, heads, value_dim]` in the dtype of q.
-  """
-  scores = jnp.einsum('brhgd,brhkd->brhgk', q_global, k, preferred_element_type=jnp.float32)
-  visible = valid
-  if causal:
-    visible = visible & (key_pos <= query_pos[:, None, None, :, None])
-  scores = jnp.where(visible, scores, base.MASK_VALUE)
-  # One softmax per global query over the keys of all r subsequences.
-  row_max = jax.lax.stop_gradient(scores.max(axis=(1, 4)))
-  probs = jnp.exp(scores - row_max[:, None, :, :, None])
-  rows = jnp.einsum('brhgk,brhkd->bhgd', probs.astype(v.dtype), v,
-                    preferred_element_type=jnp.float32)
-  rows = _normalise(rows, probs.sum(axis=(1, 4)), row_max)
-  return rows.astype(q_global.dtype).transpose(0, 2, 1, 3)
+def _global_parts(x: jax.Array, selector: jax.Array) -> jax.Array:
+  """The global tokens `[batch, heads, slots, dim]` of x `[batch, len, heads, dim]`, slots padded to 8."""
+  # Gathering the few global tokens is a small matrix product.
+  gathered = jnp.einsum('bgn,bnhd->bhgd', selector.astype(x.dtype), x)
+  return base.pad_axis(gathered, 2, 8)
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -325,6 +104,11 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   scale = base.default_scale(head_dim) if scale is None else scale
   q = q * jnp.asarray(scale, q.dtype)
   key_valid = base.key_mask_or_ones(mask, batch, length)
+  if global_mask is None:
+    selector = jnp.zeros((batch, 0, length), bool)
+  else:
+    selector = global_selector(global_mask, max_global)
+  is_global = selector.any(1)
 
   sub_len = -(-length // dilation)  # length of each interleaved subsequence
   window = min(window, sub_len - 1)
@@ -332,45 +116,55 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     # Measured on CPU: strips of about 2.25 windows beat fewer, larger blocks.
     block = min(max(window // 4, 32), 256)
   block = min(base.round_up(block, 8), base.round_up(sub_len, 8))
-  band = _Band(block, window, causal)
+  before = -(-window // block)
+  after = 0 if causal else before
+  band_plan = core.Plan(block, block, before + 1 + after, kv_stride=block, causal=causal,
+                        window=window)
 
-  def band_layout(x, pad_value=0, before=0, after=0):
-    # Pads the sequence to whole blocks of every subsequence, plus `before`
-    # blocks in front and `after` behind.
+  def band_layout(x, pad_value=0, pad=(0, 0)):
+    """`[batch, len, heads, d]` -> `[batch * r, heads, blocks * block + pad, d]`."""
     x = _to_band_layout(base.pad_axis(x, 1, block * dilation, pad_value), dilation)
-    widths = [(0, 0)] * x.ndim
-    widths[3] = (before * block, after * block)
-    return jnp.pad(x, widths, constant_values=pad_value)
+    x = jnp.pad(x, [(0, 0)] * 3 + [pad, (0, 0)], constant_values=pad_value)
+    return x.reshape((batch * dilation,) + x.shape[2:])
 
-  key_layout = functools.partial(band_layout, before=band.before, after=band.after)
-  q_band, k_band, v_band = band_layout(q), key_layout(k), key_layout(v)
-  valid = key_layout(key_valid[:, :, None, None], False)[..., 0]  # [batch, r, 1, keys]
-  if global_mask is None:
-    selector = jnp.zeros((batch, 0, length), bool)
-  else:
-    selector = global_selector(global_mask, max_global)
-  slots = selector.shape[1]
-  # Gathering and placing the few global tokens are small matrix products.
-  take = lambda x: jnp.einsum('bgn,bnhd->bghd', selector.astype(x.dtype), x)
-  positions = jnp.einsum('bgn,n->bg', selector.astype(jnp.int32), np.arange(length))
-  # Global tokens in band layout, [batch, r, heads, slots, d], the same for every r.
-  band_global = lambda x: jnp.broadcast_to(take(x).transpose(0, 2, 1, 3)[:, None],
-                                           (batch, dilation, heads, slots, x.shape[-1]))
-  # Sequence position of each query and key in band layout, [r, queries or keys].
-  sub_pos = lambda start, stop: np.arange(start, stop) * dilation + np.arange(dilation)[:, None]
-  query_pos = sub_pos(0, q_band.shape[3])
-  has_key = (selector & key_valid[:, None, :]).any(-1)
-  seen = _global_keys_seen(positions, has_key, query_pos, window, dilation, causal)
-  out = _band_core(q_band, k_band, v_band, valid, band_global(k), band_global(v), seen, band)
-  out = _from_band_layout(out)[:, :length]
+  # Keys are padded with `before` blocks in front and `after` behind, so that
+  # the strip of query block i starts at key block i. Positions count in the
+  # subsequence, shifted by the front padding.
+  key_pad = (before * block, after * block)
+  q_band = band_layout(q)
+  in_band = band_layout((key_valid & ~is_global)[:, :, None, None], False, key_pad)[:, 0, :, 0]
+  band_key_pos = jnp.where(in_band, np.arange(in_band.shape[1]), -1)
+  band_query_pos = np.arange(q_band.shape[2])[None] + before * block
+  out, lse = core.attend(q_band, band_layout(k, pad=key_pad), band_layout(v, pad=key_pad),
+                         band_query_pos, band_key_pos, band_plan)
+  from_band = lambda x: _from_band_layout(x.reshape((batch, dilation) + x.shape[1:]))[:, :length]
+  out, lse = from_band(out), from_band(lse[..., None])[..., 0]
   if global_mask is None:
     return out
 
-  key_pos = sub_pos(-band.before * block, k_band.shape[3] - band.before * block)
-  rows = _global_rows(band_global(q), k_band, v_band, valid[:, :, :, None],
-                      key_pos[:, None, None, :], positions, causal)
-  rows = jnp.einsum('bgn,bghd->bnhd', selector.astype(rows.dtype), rows)
-  return jnp.where(selector.any(1)[:, :, None, None], rows, out)
+  positions = jnp.einsum('bgn,n->bg', selector.astype(jnp.int32), np.arange(length))
+  has_key = (selector & key_valid[:, None, :]).any(-1)
+  global_key_pos = base.pad_axis(jnp.where(has_key, positions, -1), 1, 8, -1)
+  global_k, global_v = _global_parts(k, selector), _global_parts(v, selector)
+  slots = global_k.shape[2]
+  # Every query over the global keys, merged with the band.
+  query_plan = core.full_plan(length, slots, 512, slots, causal)
+  rows = lambda x, rows_block: base.pad_axis(x.transpose(0, 2, 1, 3), 2, rows_block)
+  query_pos = np.arange(base.round_up(length, query_plan.q_block))[None]
+  out_g, lse_g = core.attend(rows(q, query_plan.q_block), global_k, global_v, query_pos,
+                             global_key_pos, query_plan)
+  out_g, lse_g = out_g.transpose(0, 2, 1, 3)[:, :length], lse_g.transpose(0, 2, 1)[:, :length]
+  out, _ = core.merge([(out, lse), (out_g, lse_g)])
+
+  # Global queries over every key, replacing their windowed outputs.
+  key_plan = core.full_plan(slots, length, slots, 512, causal)
+  key_pos = base.pad_axis(jnp.where(key_valid, np.arange(length), -1), 1, key_plan.kv_block, -1)
+  global_query_pos = base.pad_axis(positions, 1, 8)
+  rows_out, _ = core.attend(_global_parts(q, selector), rows(k, key_plan.kv_block),
+                            rows(v, key_plan.kv_block), global_query_pos, key_pos, key_plan)
+  rows_out = jnp.einsum('bgn,bhgd->bnhd', selector.astype(rows_out.dtype),
+                        rows_out[:, :, :selector.shape[1]])
+  return jnp.where(is_global[:, :, None, None], rows_out, out)
 
 
 def _raise_if_too_many_global(most, max_global: int) -> None:
