@@ -385,11 +385,12 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     k_sorted, v_sorted = (_take_rows(flat(x), k_order, k_inverse) for x in (k_rows, v_rows))
 
   # The core's batch rows are the sorted rounds (one head each); query chunk c
-  # reads key chunks c - 1 ... c + after as consecutive key blocks.
+  # reads key chunks c - 1 ... c + after as one key block (faster than one
+  # block per chunk).
   before = int(chunks > 1)
   after = int(n_chunks_after > 0 and chunks > 2)
-  plan = core.Plan(q_chunk, kv_chunk, before + 1 + after, kv_stride=kv_chunk, causal=causal,
-                   own_key=shared_qk)
+  plan = core.Plan(q_chunk, (before + 1 + after) * kv_chunk, 1, kv_stride=kv_chunk,
+                   causal=causal, own_key=shared_qk)
   keys = lambda x, axis: _wrap_chunks(x, kv_chunk, before, after, axis)
   rounds = lambda x: x.reshape((-1, 1) + x.shape[2:])
   out, lse = core.attend(
