@@ -169,9 +169,9 @@ def test_merge_when_no_part_saw_a_key():
 
 
 def test_rows_in_groups_match_the_oracle(monkeypatch):
-  # On CPU, large blocks take one of the H rows per step; force that here.
+  # On CPU, large blocks take one of the B x H rows per step; force that here.
   monkeypatch.setattr(core, '_CPU_STEP_BYTES', 1)
   plan = core.full_plan(24, 24, 8, 8, causal=True)
-  assert core.heads_per_step(B, H, plan) == (1 if jax.default_backend() == 'cpu' else H)
+  assert core.rows_per_step(B, H, plan) == ((1, 1) if jax.default_backend() == 'cpu' else (B, H))
   q, k, v = inputs(24, 24, seed=6)
   assert_matches_oracle(q, k, v, np.arange(24)[None], padded_positions(24, 0.8, 7), plan)

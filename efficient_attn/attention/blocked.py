@@ -37,12 +37,9 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   kv_len = k.shape[1]
   scale = base.default_scale(head_dim) if scale is None else scale
   plan = core.full_plan(q_len, kv_len, q_block, kv_block, causal)
-  rows = lambda x, block: base.pad_axis(x.transpose(0, 2, 1, 3), 2, block)
-  key_pos = jnp.arange(kv_len)
-  if mask is not None:
-    key_pos = jnp.where(mask, key_pos, -1)
-  key_pos = base.pad_axis(jnp.atleast_2d(key_pos), 1, plan.kv_block, -1)
   query_pos = jnp.arange(base.round_up(q_len, plan.q_block))[None]
-  out, _ = core.attend(rows(q * jnp.asarray(scale, q.dtype), plan.q_block),
-                       rows(k, plan.kv_block), rows(v, plan.kv_block), query_pos, key_pos, plan)
+  key_pos = core.key_positions(mask, kv_len, plan.kv_block)
+  out, _ = core.attend(core.to_rows(q * jnp.asarray(scale, q.dtype), plan.q_block),
+                       core.to_rows(k, plan.kv_block), core.to_rows(v, plan.kv_block),
+                       query_pos, key_pos, plan)
   return out.transpose(0, 2, 1, 3)[:, :q_len]

@@ -67,6 +67,19 @@ def full_plan(q_len: int, kv_len: int, q_block: int, kv_block: int, causal: bool
   return Plan(q_block, kv_block, -(-kv_len // kv_block), causal=causal)
 
 
+def to_rows(x: jax.Array, block: int) -> jax.Array:
+  """`[batch, len, heads, d]` -> the core's `[batch, heads, len, d]`, len padded to a multiple of block."""
+  return base.pad_axis(x.transpose(0, 2, 1, 3), 2, block)
+
+
+def key_positions(valid: jax.Array | None, length: int, block: int) -> jax.Array:
+  """Int `[batch or 1, len]` key positions, -1 where `valid` is False, padded with -1 to whole blocks."""
+  positions = jnp.arange(length)
+  if valid is not None:
+    positions = jnp.where(valid, positions, -1)
+  return base.pad_axis(jnp.atleast_2d(positions), 1, block, -1)
+
+
 def _visibility(q_pos, k_pos, plan):
   """Bool `[Bp, 1, bq, bk]` visibility and, with `own_key`, which visible keys are own keys."""
   q_pos, k_pos = q_pos[:, None, :, None], k_pos[:, None, None, :]
@@ -150,6 +163,7 @@ def _positions(pos, start, size):
 
 
 def _key_start(i, t, plan):
+  """First key of step t of query block i."""
   return i * plan.kv_stride + t * plan.kv_block
 
 
@@ -191,8 +205,9 @@ def _forward(q, k, v, q_pos, k_pos, plan):
 def _backward(q, k, v, q_pos, k_pos, out, lse, dout, dlse, plan):
   """Gradients w.r.t. q, k, v, one query block at a time (Dao 2023, Algorithm 2)."""
   bq, bk = plan.q_block, plan.kv_block
-  # ds = p * (dp - rowsum(dO * O) + dlse), as d lse / d logits = p.
-  correction = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1) - dlse
+  # ds = p * (dp - delta) with delta = rowsum(dO * O) - dlse (Dao 2023,
+  # Algorithm 2, line 4, plus the lse cotangent, as d lse / d logits = p).
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1) - dlse
   # +inf makes the recomputed probabilities of rows that saw no key exactly 0.
   lse = jnp.where(lse > NO_KEY_THRESHOLD, lse, jnp.inf)
 
@@ -200,7 +215,7 @@ def _backward(q, k, v, q_pos, k_pos, out, lse, dout, dlse, plan):
     dk, dv = carry
     qi, qp, doi = _rows(q, i * bq, bq), _positions(q_pos, i * bq, bq), _rows(dout, i * bq, bq)
     lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=2)[..., None]
-    corr_i = jax.lax.dynamic_slice_in_dim(correction, i * bq, bq, axis=2)[..., None]
+    delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)[..., None]
 
     def step(t, carry, masked):
       dq_i, dk, dv = carry
@@ -211,7 +226,7 @@ def _backward(q, k, v, q_pos, k_pos, out, lse, dout, dlse, plan):
       dv_j = jnp.einsum('bhqk,bhqd->bhkd', p.astype(doi.dtype), doi,
                         preferred_element_type=jnp.float32)
       dp = jnp.einsum('bhqd,bhkd->bhqk', doi, vj, preferred_element_type=jnp.float32)
-      ds = p * (dp - corr_i)
+      ds = p * (dp - delta_i)
       if own is not None:
         ds = jnp.where(own, 0.0, ds)  # the own-key logit is a constant
       ds = ds.astype(q.dtype)
@@ -237,17 +252,35 @@ def _add_rows(x, start, rows):
 
 
 # On CPU, the most bytes of float32 scores one block step holds: a step takes
-# as many of the H rows as fit, so that its scores stay in cache (measured in
-# experiments/results/blocked_tuning.md). Accelerators take all H rows.
+# as many of the B x H rows as fit, so that its scores stay in cache (measured
+# in experiments/results/blocked_tuning.md). Accelerators take all rows.
 _CPU_STEP_BYTES = 1 << 20
 
 
-def heads_per_step(batch: int, heads: int, plan: Plan) -> int:
-  """How many of the H rows one block step computes together, decided for the current backend."""
+def _largest_divisor(n: int, at_most: int) -> int:
+  """The largest divisor of n that is at most `at_most` (and at least 1)."""
+  return max(d for d in range(1, n + 1) if n % d == 0 and (d <= at_most or d == 1))
+
+
+def rows_per_step(batch: int, heads: int, plan: Plan) -> tuple[int, int]:
+  """(batch rows, heads) one block step computes together, decided for the current backend."""
   if jax.default_backend() != 'cpu':
-    return heads
-  fit = _CPU_STEP_BYTES // (4 * batch * plan.q_block * plan.kv_block)
-  return max(d for d in range(1, heads + 1) if heads % d == 0 and (d <= fit or d == 1))
+    return batch, heads
+  fit = _CPU_STEP_BYTES // (4 * plan.q_block * plan.kv_block)
+  group = _largest_divisor(heads, fit)
+  return _largest_divisor(batch, fit // group), group
+
+
+def _in_groups(fn, group, arrays, axis):
+  """`fn` over groups of `group` entries of `axis` of every array, one group after another."""
+  size = arrays[0].shape[axis]
+  if group == size:
+    return fn(*arrays)
+  split = lambda x: jnp.moveaxis(
+      x.reshape(x.shape[:axis] + (size // group, group) + x.shape[axis + 1:]), axis, 0)
+  outputs = jax.lax.map(lambda x: fn(*x), tuple(split(x) for x in arrays))
+  join = lambda x: jnp.moveaxis(x, 0, axis).reshape(x.shape[1:axis + 1] + (size,) + x.shape[axis + 2:])
+  return jax.tree.map(join, outputs)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -268,14 +301,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     lse float32 `[B, H, Lq]` (`NO_KEY_LSE` for those rows).
   """
   batch, heads = q.shape[:2]
-  group = heads_per_step(batch, heads, plan)
-  if group == heads:
-    return _attend(q, k, v, q_pos, k_pos, plan)
-  # [B, H, L, d] -> [H / group, B, group, L, d], one group of rows after another.
-  split = lambda x: jnp.moveaxis(x.reshape((batch, heads // group, group) + x.shape[2:]), 1, 0)
-  out, lse = jax.lax.map(lambda x: _attend(*x, q_pos, k_pos, plan), (split(q), split(k), split(v)))
-  join = lambda x: jnp.moveaxis(x, 0, 1).reshape((batch, heads) + x.shape[3:])
-  return join(out), join(lse)
+  batch_group, head_group = rows_per_step(batch, heads, plan)
+
+  def over_heads(q, k, v, q_pos, k_pos):
+    return _in_groups(lambda q, k, v: _attend(q, k, v, q_pos, k_pos, plan), head_group,
+                      (q, k, v), axis=1)
+
+  if batch_group == batch:
+    return over_heads(q, k, v, q_pos, k_pos)
+  q_pos = jnp.broadcast_to(q_pos, (batch, q_pos.shape[1]))
+  k_pos = jnp.broadcast_to(k_pos, (batch, k_pos.shape[1]))
+  return _in_groups(over_heads, batch_group, (q, k, v, q_pos, k_pos), axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

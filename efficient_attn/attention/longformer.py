@@ -133,7 +133,7 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   key_pad = (before * block, after * block)
   q_band = band_layout(q)
   in_band = band_layout((key_valid & ~is_global)[:, :, None, None], False, key_pad)[:, 0, :, 0]
-  band_key_pos = jnp.where(in_band, np.arange(in_band.shape[1]), -1)
+  band_key_pos = core.key_positions(in_band, in_band.shape[1], 1)
   band_query_pos = np.arange(q_band.shape[2])[None] + before * block
   out, lse = core.attend(q_band, band_layout(k, pad=key_pad), band_layout(v, pad=key_pad),
                          band_query_pos, band_key_pos, band_plan)
@@ -149,19 +149,19 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   slots = global_k.shape[2]
   # Every query over the global keys, merged with the band.
   query_plan = core.full_plan(length, slots, 512, slots, causal)
-  rows = lambda x, rows_block: base.pad_axis(x.transpose(0, 2, 1, 3), 2, rows_block)
   query_pos = np.arange(base.round_up(length, query_plan.q_block))[None]
-  out_g, lse_g = core.attend(rows(q, query_plan.q_block), global_k, global_v, query_pos,
+  out_g, lse_g = core.attend(core.to_rows(q, query_plan.q_block), global_k, global_v, query_pos,
                              global_key_pos, query_plan)
   out_g, lse_g = out_g.transpose(0, 2, 1, 3)[:, :length], lse_g.transpose(0, 2, 1)[:, :length]
   out, _ = core.merge([(out, lse), (out_g, lse_g)])
 
   # Global queries over every key, replacing their windowed outputs.
   key_plan = core.full_plan(slots, length, slots, 512, causal)
-  key_pos = base.pad_axis(jnp.where(key_valid, np.arange(length), -1), 1, key_plan.kv_block, -1)
+  key_pos = core.key_positions(mask, length, key_plan.kv_block)
   global_query_pos = base.pad_axis(positions, 1, 8)
-  rows_out, _ = core.attend(_global_parts(q, selector), rows(k, key_plan.kv_block),
-                            rows(v, key_plan.kv_block), global_query_pos, key_pos, key_plan)
+  rows_out, _ = core.attend(_global_parts(q, selector), core.to_rows(k, key_plan.kv_block),
+                            core.to_rows(v, key_plan.kv_block), global_query_pos, key_pos,
+                            key_plan)
   rows_out = jnp.einsum('bgn,bhgd->bnhd', selector.astype(rows_out.dtype),
                         rows_out[:, :, :selector.shape[1]])
   return jnp.where(is_global[:, :, None, None], rows_out, out)
