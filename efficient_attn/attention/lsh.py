@@ -30,6 +30,9 @@ which sort last like padding keys, so real queries meet real keys chunk by chunk
 keys are spread evenly over the key chunks in sorted order, so that query chunk
 i meets the same fraction of the sorted real keys as of the sorted queries.
 
+The chunks attend through the shared blocked-softmax core (`core.attend`, one
+call for all rounds; a token's own key under shared query-keys is the core's
+`own_key` rule), and rounds are combined by `core.merge`.
 Memory is O(length * chunk_len * n_hashes) in the forward and backward pass;
 permutations are gathers whose gradients are gathers by the inverse
 permutation. Hashing costs O(length * head_dim * sqrt(n_buckets)) with
@@ -46,12 +49,6 @@ from flax import nnx
 
 from efficient_attn.attention import base, core
 
-# Logit given to a token's own key with shared query-keys: below any real logit,
-# above hidden keys, so a token attends to itself only when it sees no other key
-# (Section 2, "Causal masking for shared-QK attention").
-SELF_VALUE = 0.5 * base.MASK_VALUE
-# Rows whose maximum logit is at or below this saw no key at all.
-_NO_KEY_THRESHOLD = 0.75 * base.MASK_VALUE
 # Largest int32, the largest key of the one-array sort in `sort_by_bucket`.
 _MAX_SORT_KEY = 2**31 - 1
 # Above this many buckets, hashing uses two factors (trax's rule).
@@ -341,10 +338,6 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   q_chunk = -(-q_len // chunks)
   kv_chunk = -(-kv_len // chunks)
 
-  def to_rows(x, chunk):
-    """`[batch, len, heads, d]` -> `[batch, heads, padded_len, d]`."""
-    return base.pad_axis(x, 1, chunk).transpose(0, 2, 1, 3)
-
   def sort_tokens(rows, valid):
     """Sorts rows by bucket, tokens not `valid` `[batch, len]` (and padding) last.
 
@@ -363,8 +356,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   key_valid = base.key_mask_or_ones(mask, batch, kv_len)
   self_attention = q_len == kv_len
-  q_rows = to_rows(q, q_chunk)
-  v_rows = to_rows(v.astype(q.dtype), kv_chunk)
+  q_rows = core.to_rows(q, q_chunk)
+  v_rows = core.to_rows(v.astype(q.dtype), kv_chunk)
   if shared_qk:
     # Keys are the unit-normalised queries: one sort for both, padding keys last.
     q_order, q_inverse, k_valid = sort_tokens(q_rows, key_valid)
@@ -376,7 +369,7 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     query_valid = key_valid if self_attention else jnp.ones((batch, q_len), bool)
     q_order, q_inverse, _ = sort_tokens(q_rows, query_valid)
     q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
-    k_rows = to_rows(k, kv_chunk)
+    k_rows = core.to_rows(k, kv_chunk)
     k_order, k_inverse, k_valid = sort_tokens(k_rows, key_valid)
     if not self_attention:
       # All queries are real: key chunk i gets the i-th share of the real keys.
