@@ -443,17 +443,20 @@ def largest_intermediate(jaxpr):
   return max(sizes)
 
 
-def test_intermediates_grow_linearly_with_length():
+def test_intermediates_grow_linearly_with_length(monkeypatch):
+  # Hashing holds length x n_buckets rotated entries, in blocks of at most
+  # _HASH_BLOCK_SIZE: a small cap makes its blocks matter at these lengths.
+  monkeypatch.setattr(lsh, '_HASH_BLOCK_SIZE', 1 << 14)
 
   def largest(length):
     q, k, v, _ = random_inputs(length=length, batch=1)
     loss = lambda q, k, v: jnp.sum(lsh.lsh_attention(
-        q, k, v, rotations(0, n_buckets=16), chunk_len=32, n_chunks_after=1))
+        q, k, v, rotations(0, n_buckets=length // 64), chunk_len=32, n_chunks_after=1))
     return largest_intermediate(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr)
 
   # Per head and round, the keys are length + 2 chunks and each step's logits
-  # one chunk x 3 chunks; the buckets are fixed, as hashing holds length x
-  # n_buckets: doubling the length doubles the largest value (length^2: 4x).
+  # one chunk x 3 chunks: doubling the length doubles the largest value
+  # (length^2: 4x).
   assert largest(2048) <= 2 * largest(1024)
 
 
