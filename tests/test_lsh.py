@@ -246,7 +246,8 @@ def assert_matches_oracle(options, inputs, rotation, mask):
     NON_CAUSAL_SEPARATE,
     CAUSAL_SHARED,
     CAUSAL_SEPARATE,
-    dict(causal=False, chunk_len=20, shared_qk=False, n_chunks_after=1),  # 2 chunks: the chunk after is the chunk before
+    # 2 chunks: the chunk after is the chunk before.
+    dict(causal=False, chunk_len=20, shared_qk=False, n_chunks_after=1),
 ])
 def test_hashed_chunks_match_dense_oracle(options):
   assert_matches_oracle(options, random_inputs(), rotations(options['chunk_len']),

@@ -273,7 +273,7 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def _wrap_chunks(x: jax.Array, chunk: int, before: int, after: int, axis: int) -> jax.Array:
-  """Sorted tokens along `axis` with the last `before` chunks put in front and the first `after` behind.
+  """Sorted tokens along `axis`, the last `before` chunks copied in front, the first `after` behind.
 
   Query chunk c then finds key chunks c - before ... c + after (wrapping around
   within a round) as consecutive chunks, starting at chunk c.
