@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.attention import base, lsh
+from efficient_attn.attention import base, core, lsh
 from efficient_attn.attention.full import dense_attention
 
 BATCH, LENGTH, HEADS, DIM = 2, 40, 2, 8
@@ -57,23 +57,19 @@ def relative_error(x, y):
 
 
 # Configurations that several tests share (each compiles once). Non-causal
-# shared: 6 chunks a round, loop steps of 2 chunks, looking forward too;
-# non-causal separate: 5 chunks, one step; causal shared: 5 chunks, steps of 2
-# rounds; causal separate: one step.
-NON_CAUSAL_SHARED = dict(causal=False, chunk_len=7, shared_qk=True, rows_per_step=14,
-                         n_chunks_after=1)
-NON_CAUSAL_SEPARATE = dict(causal=False, chunk_len=8, shared_qk=False, rows_per_step=1024)
-CAUSAL_SHARED = dict(causal=True, chunk_len=8, shared_qk=True, rows_per_step=80)
-CAUSAL_SEPARATE = dict(causal=True, chunk_len=8, shared_qk=False, rows_per_step=1024)
+# shared: 6 chunks a round, looking forward too; non-causal separate: 5 chunks;
+# causal shared and separate: 5 chunks.
+NON_CAUSAL_SHARED = dict(causal=False, chunk_len=7, shared_qk=True, n_chunks_after=1)
+NON_CAUSAL_SEPARATE = dict(causal=False, chunk_len=8, shared_qk=False)
+CAUSAL_SHARED = dict(causal=True, chunk_len=8, shared_qk=True)
+CAUSAL_SEPARATE = dict(causal=True, chunk_len=8, shared_qk=False)
 
 
 @functools.cache
-def lsh_function(causal=False, chunk_len=8, shared_qk=True, rows_per_step=1024,
-                 n_chunks_after=0):
+def lsh_function(causal=False, chunk_len=8, shared_qk=True, n_chunks_after=0):
   """`lsh_attention` with static options, as a function of (q, k, v, mask, rotations)."""
   return lambda q, k, v, mask, rotations: lsh.lsh_attention(
-      q, k, v, rotations, mask, causal, chunk_len, shared_qk, rows_per_step=rows_per_step,
-      n_chunks_after=n_chunks_after)
+      q, k, v, rotations, mask, causal, chunk_len, shared_qk, n_chunks_after=n_chunks_after)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -201,10 +197,10 @@ def lsh_reference_function(shared_qk):
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k)[:, :, None] / np.sqrt(q.shape[-1])
     scores = jnp.where(visible, scores, base.MASK_VALUE)
     if shared_qk:
-      scores = jnp.where(visible & jnp.eye(length, dtype=bool), lsh.SELF_VALUE, scores)
+      scores = jnp.where(visible & jnp.eye(length, dtype=bool), core.OWN_KEY_VALUE, scores)
     lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
     out = jnp.einsum('bhrqk,bkhd->bhrqd', jnp.exp(scores - lse), v)
-    out = jnp.where(lse > 0.75 * base.MASK_VALUE, out, 0.0)
+    out = jnp.where(lse > core.NO_KEY_THRESHOLD, out, 0.0)
     out = jnp.sum(out * jax.nn.softmax(lse, axis=2), axis=2)
     return out.transpose(0, 2, 1, 3)
 
@@ -250,8 +246,8 @@ def assert_matches_oracle(options, inputs, rotation, mask):
     NON_CAUSAL_SEPARATE,
     CAUSAL_SHARED,
     CAUSAL_SEPARATE,
-    dict(causal=False, chunk_len=20, shared_qk=False, rows_per_step=1024,
-         n_chunks_after=1),  # 2 chunks: the chunk after is the chunk before
+    # 2 chunks: the chunk after is the chunk before.
+    dict(causal=False, chunk_len=20, shared_qk=False, n_chunks_after=1),
 ])
 def test_hashed_chunks_match_dense_oracle(options):
   assert_matches_oracle(options, random_inputs(), rotations(options['chunk_len']),
@@ -448,7 +444,10 @@ def largest_intermediate(jaxpr):
   return max(sizes)
 
 
-def test_intermediates_grow_linearly_with_length():
+def test_intermediates_grow_linearly_with_length(monkeypatch):
+  # Hashing holds length x n_buckets rotated entries, in blocks of at most
+  # _HASH_BLOCK_SIZE: a small cap makes its blocks matter at these lengths.
+  monkeypatch.setattr(lsh, '_HASH_BLOCK_SIZE', 1 << 14)
 
   def largest(length):
     q, k, v, _ = random_inputs(length=length, batch=1)
@@ -456,8 +455,9 @@ def test_intermediates_grow_linearly_with_length():
         q, k, v, rotations(0, n_buckets=length // 64), chunk_len=32, n_chunks_after=1))
     return largest_intermediate(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr)
 
-  # Per head and round, logits are length x 3 chunks and key windows 3 chunks
-  # per chunk: doubling the length doubles the largest value (length^2: 4x).
+  # Per head and round, the keys are length + 2 chunks and each step's logits
+  # one chunk x 3 chunks: doubling the length doubles the largest value
+  # (length^2: 4x).
   assert largest(2048) <= 2 * largest(1024)
 
 

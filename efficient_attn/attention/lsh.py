@@ -30,6 +30,9 @@ which sort last like padding keys, so real queries meet real keys chunk by chunk
 keys are spread evenly over the key chunks in sorted order, so that query chunk
 i meets the same fraction of the sorted real keys as of the sorted queries.
 
+The chunks attend through the shared blocked-softmax core (`core.attend`, one
+call for all rounds; a token's own key under shared query-keys is the core's
+`own_key` rule), and rounds are combined by `core.merge`.
 Memory is O(length * chunk_len * n_hashes) in the forward and backward pass;
 permutations are gathers whose gradients are gathers by the inverse
 permutation. Hashing costs O(length * head_dim * sqrt(n_buckets)) with
@@ -44,14 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_attn.attention import base
+from efficient_attn.attention import base, core
 
-# Logit given to a token's own key with shared query-keys: below any real logit,
-# above hidden keys, so a token attends to itself only when it sees no other key
-# (Section 2, "Causal masking for shared-QK attention").
-SELF_VALUE = 0.5 * base.MASK_VALUE
-# Rows whose maximum logit is at or below this saw no key at all.
-_NO_KEY_THRESHOLD = 0.75 * base.MASK_VALUE
 # Largest int32, the largest key of the one-array sort in `sort_by_bucket`.
 _MAX_SORT_KEY = 2**31 - 1
 # Above this many buckets, hashing uses two factors (trax's rule).
@@ -275,193 +272,23 @@ def _take_rows_bwd(residuals, dy):
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def _chunk_logits(q, k, q_pos, k_info, causal, shared_qk):
-  """Masked logits `[g, q_chunk, window]`, and where they depend on q and k."""
-  logits = jnp.einsum('gqd,gkd->gqk', q, k, preferred_element_type=jnp.float32)
-  k_info = k_info[:, None, :]
-  q_pos = q_pos[:, :, None]
-  visible = k_info >= 0
-  if causal:
-    visible = visible & (k_info <= q_pos)
-  logits = jnp.where(visible, logits, base.MASK_VALUE)
-  if shared_qk:
-    own = k_info == q_pos
-    logits = jnp.where(own, SELF_VALUE, logits)
-    visible = visible & ~own
-  return logits, visible
+def _wrap_chunks(x: jax.Array, chunk: int, before: int, after: int, axis: int) -> jax.Array:
+  """Sorted tokens along `axis`, the last `before` chunks copied in front, the first `after` behind.
 
-
-def _chunk_forward(q, kv, q_pos, k_info, causal, shared_qk):
-  """Softmax attention of a group of query chunks to their key windows."""
-  k, v = kv[..., :q.shape[-1]], kv[..., q.shape[-1]:]
-  logits, _ = _chunk_logits(q, k, q_pos, k_info, causal, shared_qk)
-  row_max = logits.max(axis=-1, keepdims=True)
-  probs = jnp.exp(logits - row_max)
-  normalizer = probs.sum(axis=-1, keepdims=True)
-  out = jnp.einsum('gqk,gkd->gqd', probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  # A row that sees no key returns zeros; its log-sum-exp stays finite, at
-  # about the mask value, so that it gets no weight when rounds are combined.
-  out = jnp.where(row_max > _NO_KEY_THRESHOLD, out / normalizer, 0.0)
-  return out.astype(q.dtype), (row_max + jnp.log(normalizer))[..., 0]
-
-
-def _chunk_backward(q, kv, q_pos, k_info, out, lse, dout, dlse, causal, shared_qk):
-  """Gradients of `_chunk_forward` w.r.t. q and kv, recomputing the probabilities."""
-  k, v = kv[..., :q.shape[-1]], kv[..., q.shape[-1]:]
-  logits, visible = _chunk_logits(q, k, q_pos, k_info, causal, shared_qk)
-  probs = jnp.exp(logits - lse[..., None])
-  dout = jnp.where((lse > _NO_KEY_THRESHOLD)[..., None], dout, 0).astype(v.dtype)
-  dv = jnp.einsum('gqk,gqd->gkd', probs.astype(v.dtype), dout, preferred_element_type=jnp.float32)
-  dprobs = jnp.einsum('gqd,gkd->gqk', dout, v, preferred_element_type=jnp.float32)
-  # rowsum(dout * out) is the softmax correction (Dao 2023, Algorithm 2,
-  # line 4); d lse / d logits = probs.
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  dlogits = jnp.where(visible, probs * (dprobs - delta + dlse[..., None]), 0.0).astype(q.dtype)
-  dq = jnp.einsum('gqk,gkd->gqd', dlogits, k, preferred_element_type=jnp.float32)
-  dk = jnp.einsum('gqk,gqd->gkd', dlogits, q, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), jnp.concatenate([dk, dv], axis=-1)
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-  """The largest divisor of n that is at most `at_most` (and at least 1)."""
-  divisor = max(1, min(n, at_most))
-  while n % divisor:
-    divisor -= 1
-  return divisor
-
-
-class _Steps:
-  """How the chunk loop walks the sorted chunks, and the key window of each chunk.
-
-  A ring is one hash round of one batch row and head. Each step takes `group`
-  consecutive query chunks of `ring_block` rings (about `rows_per_step` queries;
-  one step, without a loop, when everything fits). Query chunk c sees key
-  chunks c - 1 (`before`), c and, with `n_chunks_after`, c + 1 (`after`),
-  wrapping around within its ring; these windows are built once for all chunks,
-  so that a step reads contiguous rows.
+  Query chunk c then finds key chunks c - before ... c + after (wrapping around
+  within a round) as consecutive chunks, starting at chunk c.
   """
-
-  def __init__(self, rings: int, chunks: int, chunk: int, rows_per_step: int,
-               n_chunks_after: int):
-    self.rings = rings
-    self.chunks = chunks
-    if chunks * chunk >= rows_per_step:
-      self.ring_block = 1
-      self.group = _largest_divisor(chunks, rows_per_step // chunk)
-    else:
-      self.ring_block = _largest_divisor(rings, rows_per_step // (chunks * chunk))
-      self.group = chunks
-    self.groups_per_ring = chunks // self.group
-    self.count = rings // self.ring_block * self.groups_per_ring
-    self.before = int(chunks > 1)
-    self.after = int(n_chunks_after > 0 and chunks > 2)
-    self.width = self.before + 1 + self.after
-
-  def split(self, x):
-    """`[rings, chunks, ...]` -> `[count, ring_block * group, ...]`, step-major."""
-    x = x.reshape((-1, self.ring_block, self.groups_per_ring, self.group) + x.shape[2:])
-    x = jnp.swapaxes(x, 1, 2)
-    return x.reshape((self.count, self.ring_block * self.group) + x.shape[4:])
-
-  def merge(self, x):
-    """Inverse of `split`."""
-    x = x.reshape((-1, self.groups_per_ring, self.ring_block, self.group) + x.shape[2:])
-    x = jnp.swapaxes(x, 1, 2)
-    return x.reshape((self.rings, self.chunks) + x.shape[4:])
-
-  def windows(self, x):
-    """`[rings, chunks, chunk, ...]` -> `[rings, chunks, width * chunk, ...]` key windows."""
-    parts = ([jnp.roll(x, 1, axis=1)] * self.before + [x]
-             + [jnp.roll(x, -1, axis=1)] * self.after)
-    return jnp.concatenate(parts, axis=2)
-
-  def unwindow(self, grad):
-    """Gradient w.r.t. `windows(x)` -> gradient w.r.t. x, summed over the windows."""
-    parts = jnp.split(grad, self.width, axis=2)
-    total = parts[self.before]
-    if self.before:
-      total = total + jnp.roll(parts[0], -1, axis=1)
-    if self.after:
-      total = total + jnp.roll(parts[-1], 1, axis=1)
-    return total
-
-  def map(self, step, inputs):
-    """`step(inputs_of_step)` over all steps (inputs split by `split`), outputs stacked."""
-    if self.count == 1:
-      outputs = step(tuple(x[0] for x in inputs))
-      return jax.tree.map(lambda x: x[None], outputs)
-    return jax.lax.map(step, tuple(inputs))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _chunked_attention(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after, rows_per_step):
-  """Attention of each query chunk to its window of key chunks, in steps.
-
-  Args:
-    q: `[rings, chunks, q_chunk, d]` sorted, pre-scaled queries.
-    kv: `[rings, chunks, kv_chunk, d + dv]` sorted keys and values, concatenated.
-    q_pos: int `[rings, chunks, q_chunk]` original positions of the queries.
-    k_info: int `[rings, chunks, kv_chunk]` original positions of the keys, -1
-      for padding keys.
-    causal, shared_qk, n_chunks_after, rows_per_step: see `lsh_attention`.
-
-  Returns:
-    (out `[rings, chunks, q_chunk, dv]`, lse float32 `[rings, chunks, q_chunk]`).
-  """
-  return _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after,
-                                rows_per_step)[0]
-
-
-def _chunked_attention_fwd(q, kv, q_pos, k_info, causal, shared_qk, n_chunks_after,
-                           rows_per_step):
-  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
-
-  def step(inputs):
-    return _chunk_forward(*inputs, causal, shared_qk)
-
-  inputs = [steps.split(x) for x in (q, steps.windows(kv), q_pos, steps.windows(k_info))]
-  out, lse = steps.map(step, inputs)
-  out, lse = steps.merge(out), steps.merge(lse)
-  return (out, lse), (q, kv, q_pos, k_info, out, lse)
-
-
-def _chunked_attention_bwd(causal, shared_qk, n_chunks_after, rows_per_step, residuals,
-                           cotangents):
-  q, kv, q_pos, k_info, out, lse = residuals
-  steps = _Steps(q.shape[0], q.shape[1], q.shape[2], rows_per_step, n_chunks_after)
-
-  def step(inputs):
-    return _chunk_backward(*inputs, causal, shared_qk)
-
-  inputs = [steps.split(x) for x in (q, steps.windows(kv), q_pos, steps.windows(k_info), out,
-                                     lse) + tuple(cotangents)]
-  dq, dkv = steps.map(step, inputs)
-  dkv = steps.unwindow(steps.merge(dkv))
-  return steps.merge(dq), dkv.astype(kv.dtype), None, None
-
-
-_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
-
-
-def _combine_rounds(out: jax.Array, lse: jax.Array) -> jax.Array:
-  """Rounds `[g, rounds, n, d]` weighted by their share of the softmax mass.
-
-  Section 2, "Multi-round LSH attention" (as trax): weights softmax over the
-  per-round lse `[g, rounds, n, 1]`. Written round by round, as elementwise
-  work, which XLA on CPU runs about 10x faster than reductions over rounds.
-  """
-  rounds = range(out.shape[1])
-  top = functools.reduce(jnp.maximum, [lse[:, r] for r in rounds])
-  weights = [jnp.exp(lse[:, r] - top) for r in rounds]
-  return sum(out[:, r] * weights[r] for r in rounds) / sum(weights)
+  length = x.shape[axis]
+  parts = [jax.lax.slice_in_dim(x, length - before * chunk, length, axis=axis), x,
+           jax.lax.slice_in_dim(x, 0, after * chunk, axis=axis)]
+  return jnp.concatenate(parts, axis=axis)
 
 
 def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                   rotations: jax.Array | tuple[jax.Array, ...],
                   mask: jax.Array | None = None, causal: bool = False,
                   chunk_len: int = 128, shared_qk: bool = True,
-                  scale: float | None = None, rows_per_step: int = 256,
-                  n_chunks_after: int = 0) -> jax.Array:
+                  scale: float | None = None, n_chunks_after: int = 0) -> jax.Array:
   """LSH attention (Kitaev et al. 2020) with the given random rotations.
 
   Args:
@@ -480,8 +307,6 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     shared_qk: keys are the unit-normalised queries and a token attends to
       itself only when it has no other visible key (needs q_len == kv_len).
     scale: logit scale, default 1/sqrt(head_dim).
-    rows_per_step: about how many sorted queries one step of the chunk loop
-      handles; larger steps use more memory.
     n_chunks_after: 0 (look back one chunk, as the paper and trax) or 1 (also
       look forward one chunk); must be 0 when causal.
 
@@ -492,7 +317,6 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
   base.check_positive_int('chunk_len', chunk_len)
-  base.check_positive_int('rows_per_step', rows_per_step)
   if (shared_qk or causal) and q_len != kv_len:
     raise ValueError(f'shared_qk and causal LSH attention need q_len == kv_len, '
                      f'got {q_len} and {kv_len}')
@@ -513,11 +337,6 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   chunks = num_chunks(q_len, kv_len, chunk_len)
   q_chunk = -(-q_len // chunks)
   kv_chunk = -(-kv_len // chunks)
-  rings = batch * heads * n_hashes
-
-  def to_rows(x, chunk):
-    """`[batch, len, heads, d]` -> `[batch, heads, padded_len, d]`."""
-    return base.pad_axis(x, 1, chunk).transpose(0, 2, 1, 3)
 
   def sort_tokens(rows, valid):
     """Sorts rows by bucket, tokens not `valid` `[batch, len]` (and padding) last.
@@ -537,8 +356,8 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   key_valid = base.key_mask_or_ones(mask, batch, kv_len)
   self_attention = q_len == kv_len
-  q_rows = to_rows(q, q_chunk)
-  v_rows = to_rows(v.astype(q.dtype), kv_chunk)
+  q_rows = core.to_rows(q, q_chunk)
+  v_rows = core.to_rows(v.astype(q.dtype), kv_chunk)
   if shared_qk:
     # Keys are the unit-normalised queries: one sort for both, padding keys last.
     q_order, q_inverse, k_valid = sort_tokens(q_rows, key_valid)
@@ -546,31 +365,37 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     q_sorted, v_sorted = (_take_rows(flat(x), q_order, q_inverse) for x in (q_rows, v_rows))
     norm_sq = jnp.sum(jnp.square(q_sorted.astype(jnp.float32)), axis=-1, keepdims=True)
     k_sorted = (q_sorted * jax.lax.rsqrt(norm_sq + 1e-12)).astype(q.dtype)
-    kv_sorted = jnp.concatenate([k_sorted, v_sorted], axis=-1)
   else:
     query_valid = key_valid if self_attention else jnp.ones((batch, q_len), bool)
     q_order, q_inverse, _ = sort_tokens(q_rows, query_valid)
     q_sorted = _take_rows(flat(q_rows), q_order, q_inverse)
-    k_rows = to_rows(k, kv_chunk)
+    k_rows = core.to_rows(k, kv_chunk)
     k_order, k_inverse, k_valid = sort_tokens(k_rows, key_valid)
     if not self_attention:
       # All queries are real: key chunk i gets the i-th share of the real keys.
       k_order, k_valid = _spread_valid(k_order, k_valid)
       k_inverse = _inverse(k_order)
-    kv_sorted = _take_rows(flat(jnp.concatenate([k_rows, v_rows], -1)), k_order, k_inverse)
+    k_sorted, v_sorted = (_take_rows(flat(x), k_order, k_inverse) for x in (k_rows, v_rows))
 
-  def in_chunks(x):
-    """Sorted `[batch * heads, n_hashes, padded_len, ...]` -> `[rings, chunks, chunk, ...]`."""
-    return x.reshape((rings, chunks, -1) + x.shape[3:])
-
-  out, lse = _chunked_attention(
-      in_chunks(q_sorted * jnp.asarray(scale, q.dtype)), in_chunks(kv_sorted),
-      in_chunks(q_order), in_chunks(jnp.where(k_valid, k_order, -1)),
-      causal, shared_qk, n_chunks_after, rows_per_step)
+  # The core's batch rows are the sorted rounds (one head each); query chunk c
+  # reads key chunks c - 1 ... c + after as one key block (faster than one
+  # block per chunk).
+  before = int(chunks > 1)
+  after = int(n_chunks_after > 0 and chunks > 2)
+  plan = core.Plan(q_chunk, (before + 1 + after) * kv_chunk, 1, kv_stride=kv_chunk,
+                   causal=causal, own_key=shared_qk)
+  keys = lambda x, axis: _wrap_chunks(x, kv_chunk, before, after, axis)
+  rounds = lambda x: x.reshape((-1, 1) + x.shape[2:])
+  out, lse = core.attend(
+      rounds(q_sorted * jnp.asarray(scale, q.dtype)), keys(rounds(k_sorted), 2),
+      keys(rounds(v_sorted), 2), q_order.reshape(-1, q_order.shape[-1]),
+      keys(jnp.where(k_valid, k_order, -1).reshape(-1, k_order.shape[-1]), 1), plan)
   # Back to the original order (round r's sorted row i is position q_order[i]).
-  out, lse = (_take_rows(x.reshape(batch * heads, n_hashes, chunks * q_chunk, -1),
-                         q_inverse, q_order)[:, :, :q_len] for x in (out, lse[..., None]))
-  out = _combine_rounds(out.astype(jnp.float32), lse)
+  out, lse = (_take_rows(x.reshape(q_order.shape + (-1,)), q_inverse, q_order)[:, :, :q_len]
+              for x in (out, lse[..., None]))
+  # Rounds weighted by their share of the softmax mass (Section 2, "Multi-round
+  # LSH attention", as trax): a softmax over the rounds' lse.
+  out, _ = core.merge([(out[:, r], lse[:, r, :, 0]) for r in range(n_hashes)])
   out = out.reshape(batch, heads, q_len, -1).transpose(0, 2, 1, 3)
   return out.astype(q.dtype)
 
