@@ -108,11 +108,13 @@ def test_window_plan(causal):
   assert_matches_oracle(q, k, v, np.arange(q_len)[None] + block, k_pos, plan)
 
 
-def test_own_key_rule_with_unordered_positions():
+@pytest.mark.parametrize('skip_blocks', [True, False])
+def test_own_key_rule_with_unordered_positions(skip_blocks):
   # LSH-like: positions in any order, each query block reads its chunk and the
   # one before (a wrapped chunk in front), a query's own key gets a fixed logit.
   chunk, chunks = 8, 4
-  plan = core.Plan(chunk, 2 * chunk, 1, kv_stride=chunk, causal=True, own_key=True)
+  plan = core.Plan(chunk, 2 * chunk, 1, kv_stride=chunk, causal=True, own_key=True,
+                   skip_blocks=skip_blocks)
   rng = np.random.default_rng(3)
   q_pos = np.stack([rng.permutation(chunk * chunks) for _ in range(B)])
   k_pos = np.concatenate([q_pos[:, -chunk:], q_pos], axis=1)

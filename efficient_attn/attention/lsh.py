@@ -383,7 +383,7 @@ def lsh_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   before = int(chunks > 1)
   after = int(n_chunks_after > 0 and chunks > 2)
   plan = core.Plan(q_chunk, (before + 1 + after) * kv_chunk, 1, kv_stride=kv_chunk,
-                   causal=causal, own_key=shared_qk)
+                   causal=causal, own_key=shared_qk, skip_blocks=False)
   keys = lambda x, axis: _wrap_chunks(x, kv_chunk, before, after, axis)
   rounds = lambda x: x.reshape((-1, 1) + x.shape[2:])
   out, lse = core.attend(
