@@ -465,7 +465,9 @@ def main(argv=None) -> None:
   parser.add_argument('--attention', default='all',
                       help='comma-separated mechanism names, "all" for every registered '
                       f'one, "{MHA_LINFORMER}" for MultiHeadAttention with linformer; '
-                      f'"{JAX_REFERENCE}" is always added as a reference')
+                      f'"{JAX_REFERENCE}" is added as a reference unless --no_reference')
+  parser.add_argument('--no_reference', action='store_true',
+                      help=f'leave out the {JAX_REFERENCE} rows (slow at long lengths)')
   parser.add_argument('--peers', action='store_true',
                       help='also run the PyTorch peers (requirements-peers.txt) of the '
                       'chosen mechanisms, see PEERS')
@@ -503,7 +505,7 @@ def main(argv=None) -> None:
                    'peers with `pip install -r requirements-peers.txt`')
     if 'linformer' in names and MHA_LINFORMER not in names:
       names = names + (MHA_LINFORMER,)
-  if JAX_REFERENCE not in names:
+  if JAX_REFERENCE not in names and not args.no_reference:
     names = names + (JAX_REFERENCE,)
   try:
     lengths = [int(x) for x in args.lengths.split(',')]
