@@ -215,3 +215,6 @@ def test_longformer_too_many_global_tokens_raise_also_under_jit():
     jax.block_until_ready(jitted(q, global_mask))
   global_mask[1, 9] = False
   assert np.all(np.isfinite(jitted(q, global_mask)))
+  # A concrete mask closed over by a jitted function is checked at trace time.
+  closed = jnp.asarray(global_mask)
+  assert np.all(np.isfinite(jax.jit(lambda q: attn(q, k, v, global_mask=closed))(q)))

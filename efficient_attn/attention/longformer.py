@@ -191,11 +191,11 @@ def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> 
   if global_mask.shape != (batch, length):
     raise ValueError(
         f'global_mask must have shape [batch, len] = {(batch, length)}, got {global_mask.shape}')
-  most = global_mask.sum(-1, dtype=jnp.int32).max(initial=0)
   if isinstance(global_mask, jax.core.Tracer):
+    most = global_mask.sum(-1, dtype=jnp.int32).max(initial=0)
     jax.debug.callback(_raise_if_too_many_global, most, max_global)
   else:
-    _raise_if_too_many_global(most, max_global)
+    _raise_if_too_many_global(np.asarray(global_mask).sum(-1).max(initial=0), max_global)
 
 
 @base.register_attention('longformer')
