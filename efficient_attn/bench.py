@@ -74,7 +74,7 @@ PEERS = {
         'causal': (False,),
         'note': 'LocalAttention(window_size=256, look_backward=1, look_forward=1, '
                 'exact_windowsize=True): query i sees |i - j| <= 256, as ours; no rotary '
-                'embedding. Ours also has one global token (the first), the peer none.'},
+                'embedding, and no global tokens on either side.'},
     'pt:linformer': {
         'package': 'linformer', 'module': 'linformer', 'ours': MHA_LINFORMER,
         'causal': (False,),
@@ -140,9 +140,6 @@ def _project_case(name: str, length: int, causal: bool, batch: int, heads: int,
       # n / chunk_len buckets, as reformer-pytorch (the paper and trax use twice that).
       options.setdefault('n_buckets', max(2, length // options['chunk_len'] // 2 * 2))
     module = ea.make_attention(name, rngs=nnx.Rngs(0), **options)
-  if name == 'longformer':
-    # One global token, the first, as in a classification [CLS] setting.
-    call_kwargs['global_mask'] = jnp.zeros((batch, length), bool).at[:, 0].set(True)
   inputs = tuple(jax.random.normal(key, (batch, length, heads, head_dim), jnp.float32)
                  for key in keys)
   return module, inputs, call_kwargs
