@@ -1,7 +1,19 @@
-"""Gives the tests 4 host CPU devices; must run before jax is imported."""
+"""Shared test setup: 4 host CPU devices (set before jax is imported) and data fixtures."""
 
 import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def prepared_dir(tmp_path_factory):
+  """A data folder with the tiny ListOps and Pathfinder configs prepared (once per run)."""
+  from efficient_attn.data import generated  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp() / 'prepared'
+  generated.prepare('listops', 'tiny', root)
+  generated.prepare('pathfinder', 'tiny', root)
+  return root

@@ -5,8 +5,8 @@ import statistics
 import numpy as np
 import pytest
 
-from efficient_attn.data import get_task, listops, make_batches
-from test_data_helpers import prepared_dir  # pylint: disable=unused-import
+from efficient_attn.data import (CorruptDataError, MissingDataError, get_task, listops,
+                                 make_batches)
 
 SETTING = listops.SETTINGS['lra']
 SMALL = listops.SETTINGS['small']
@@ -61,10 +61,13 @@ def test_same_seed_same_bytes_other_seed_differs():
   assert b''.join(t.tobytes() for t in first[0]) != b''.join(t.tobytes() for t in other[0])
 
 
-def test_classes_roughly_balanced():
-  _, labels = listops.generate(2000, SMALL, seed=0)
+def test_label_distribution_is_lra_s():
+  # LRA's generator gives classes 0 and 9 about 17% each, the others 7-9%
+  # (the standard error of a share is about 0.005 at 6000 draws).
+  _, labels = listops.generate(6000, SETTING, seed=0)
   shares = np.bincount(labels, minlength=10) / len(labels)
-  assert shares.min() > 0.03 and shares.max() < 0.3, shares
+  assert np.all((shares[[0, 9]] > 0.15) & (shares[[0, 9]] < 0.19)), shares
+  assert np.all((shares[1:9] > 0.065) & (shares[1:9] < 0.10)), shares
 
 
 def test_splits_are_distinct_and_sized():
@@ -98,3 +101,47 @@ def test_prepared_tfds_data_matches_generator(prepared_dir):
 def test_unknown_config_lists_the_valid_ones(prepared_dir):
   with pytest.raises(ValueError, match="'lra', 'small', 'tiny'"):
     get_task('listops', prepared_dir, config='huge')
+
+
+def write_lra_listops(root, examples: dict) -> None:
+  """LRA's listops-1000 files: a header, then `expression<TAB>value` lines."""
+  folder = root / 'lra_release' / 'listops-1000'
+  folder.mkdir(parents=True)
+  for split, name in listops.LRA_FILES.items():
+    lines = ['Source\tTarget'] + [f'{text}\t{value}' for text, value in examples[split]]
+    (folder / name).write_text('\n'.join(lines) + '\n')
+
+
+LRA_LINES = [('( ( ( [MAX 4 ) 3 ) ( ( [MIN 2 3 ) ] ) ) ]', 4), ('( ( [SM 7 ) 5 ) ]', 2)]
+
+
+def test_lra_release_files_are_read_with_and_without_close_token(tmp_path):
+  write_lra_listops(tmp_path, {'train': LRA_LINES, 'valid': LRA_LINES[:1], 'test': LRA_LINES})
+  task = get_task('listops', tmp_path, split='train', source='lra_release')
+  assert (len(task.source), task.vocab_size, task.seq_len) == (2, 16, 2000)
+  assert listops.tokens_to_text(task.source[0]['inputs']) == '[MAX 4 3 [MIN 2 3 ] ]'
+  assert [task.source[i]['targets'] for i in range(2)] == [4, 2]
+  dropped = get_task('listops', tmp_path, split='valid', source='lra_release', close_token=False)
+  assert dropped.vocab_size == 15 and len(dropped.source) == 1
+  assert listops.tokens_to_text(dropped.source[0]['inputs']) == '[MAX 4 3 [MIN 2 3'
+
+
+def test_close_token_dropped_from_generated_data(prepared_dir):
+  kept = get_task('listops', prepared_dir, split='valid', config='tiny')
+  dropped = get_task('listops', prepared_dir, split='valid', config='tiny', close_token=False)
+  tokens = kept.source[0]['inputs']
+  np.testing.assert_array_equal(dropped.source[0]['inputs'], tokens[tokens != listops.CLOSE_ID])
+  assert dropped.vocab_size == 15
+
+
+def test_lra_release_bad_files_are_named(tmp_path):
+  with pytest.raises(MissingDataError, match='lra_release/listops-1000/basic_test.tsv'):
+    get_task('listops', tmp_path, split='test', source='lra_release')
+  write_lra_listops(tmp_path, {'train': LRA_LINES + [('( [MAX 1 2 ]', 12)], 'valid': [],
+                               'test': LRA_LINES})
+  with pytest.raises(CorruptDataError, match=r"basic_train.tsv, line 4: label b'12'"):
+    get_task('listops', tmp_path, split='train', source='lra_release')
+  with pytest.raises(CorruptDataError, match='basic_val.tsv holds no examples'):
+    get_task('listops', tmp_path, split='valid', source='lra_release')
+  with pytest.raises(ValueError, match="config='small' does not exist for source='lra_release'"):
+    get_task('listops', tmp_path, config='small', source='lra_release')

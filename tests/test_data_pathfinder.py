@@ -6,7 +6,6 @@ from PIL import Image
 from scipy import ndimage
 
 from efficient_attn.data import CorruptDataError, MissingDataError, get_task, pathfinder
-from test_data_helpers import prepared_dir  # pylint: disable=unused-import
 
 SETTING = pathfinder.SETTINGS['res32_hard']
 

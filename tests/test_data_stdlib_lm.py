@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from efficient_attn.data import bits_per_byte, bits_per_byte_from_logits, get_task, make_batches
+from efficient_attn.data import get_task, make_batches
+from efficient_attn.metrics import bits_per_byte, bits_per_byte_from_logits
 from efficient_attn.data import stdlib_lm
 
 

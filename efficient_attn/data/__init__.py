@@ -13,5 +13,4 @@ library). See `pipeline` for the batch structure.
 from efficient_attn.data.common import (PAD_ID, CorruptDataError, MissingDataError, Task,
                                         decode_bytes, encode_bytes)
 from efficient_attn.data.pipeline import make_batches
-from efficient_attn.data.stdlib_lm import bits_per_byte, bits_per_byte_from_logits
 from efficient_attn.data.tasks import available_tasks, get_task

@@ -16,9 +16,6 @@ PAD_ID = 0
 BYTE_VOCAB_SIZE = 257
 DEFAULT_DATA_DIRS = ('~/tensorflow_datasets', './data')
 LRA_RELEASE_URL = 'https://storage.googleapis.com/long-range-arena/lra_release.gz'
-LRA_RELEASE_NOTE = (
-    f'the Long Range Arena release archive lra_release.gz ({LRA_RELEASE_URL}, linked from '
-    'https://github.com/google-research/long-range-arena)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +66,14 @@ def read_first_available(source: str, readers: dict):
   check_choice('source', source, ('auto', *readers))
   if source != 'auto':
     return readers[source]()
-  missing = []
   for read in readers.values():
     try:
       return read()
     except MissingDataError as error:
-      missing.append(str(error))
-  # The last reader's message first: it names the raw files users most often have.
-  raise MissingDataError(''.join([missing[-1]] + [f' (Also tried: {m})' for m in missing[:-1]]))
+      last = error
+  # The last reader's message names the raw files users most often have and says
+  # which other copy would do.
+  raise last
 
 
 def check_choice(argument: str, value, allowed: Sequence) -> None:
@@ -126,11 +123,13 @@ def find_data(data_dir, candidates: Sequence[str], *, what: str, expected: str,
 def missing_data_error(data_dir, candidates: Sequence[str], *, what: str, expected: str,
                        download: str, hint: str = '') -> MissingDataError:
   """The error for data absent from all data folders; arguments as for `find_data`."""
+  del candidates  # `expected` names them for people
   dirs = data_dirs(data_dir)
-  tried = ', '.join(str(root / c) for root in dirs for c in candidates)
+  searched = '' if data_dir is not None else (
+      f' (searched {", ".join(map(str, dirs))}; or pass data_dir)')
   return MissingDataError(
-      f'{what} not found. Expected {expected}. Download it from {download} and put it in '
-      f'{dirs[0]} (or pass data_dir / --data_dir). Looked for: {tried}. {hint}'.strip())
+      f'{what} not found. Put {expected} in {dirs[0]}{searched}. Download: {download}. '
+      f'{hint}'.strip())
 
 
 def encode_bytes(text: bytes | str, max_len: int | None = None) -> np.ndarray:

@@ -2,8 +2,14 @@
 
 Each 32x32 colour image becomes grayscale (the luma weights of
 tf.image.rgb_to_grayscale, as LRA) and is flattened row by row to 1024 pixel ids
-(value + 1, so 0 stays padding); 10 classes. Splits as in LRA: 'train' is the
-first 90% of the 50K training images, 'valid' the last 10%, 'test' the 10K test images.
+(value + 1, so 0 stays padding); 10 classes. LRA used the pixel value itself (256
+ids) and masked `inputs > 0`, so its black pixels were treated as padding; here
+every pixel is a real token and the model sees 257 ids.
+
+Splits as in LRA: 'train' is the first 90% of the 50K training images, 'valid'
+the last 10%, 'test' the 10K test images. With the TFDS copy these are LRA's
+`train[:90%]` and `train[90%:]`; the python batches are in another order (batch
+files 1-5 as stored), so there 'valid' is the last 5000 images of data_batch_5.
 
 Data (no download happens here), either of:
   - the TFDS-prepared cifar10 folder `<data_dir>/cifar10/<version>/` (made on a
@@ -65,10 +71,8 @@ def find_python_batches(data_dir) -> pathlib.Path:
   """The extracted cifar-10-batches-py folder."""
   return common.find_data(
       data_dir, ['cifar-10-batches-py', 'cifar10/cifar-10-batches-py'],
-      what='CIFAR-10 (python version)',
-      expected='the folder cifar-10-batches-py/ with data_batch_1 ... data_batch_5 and '
-               'test_batch (cifar-10-python.tar.gz extracted)',
-      download=CIFAR_URL, hint='Alternatively put a TFDS-prepared cifar10/ folder there.')
+      what='CIFAR-10', expected='cifar-10-batches-py/ (cifar-10-python.tar.gz extracted)',
+      download=CIFAR_URL, hint='A TFDS-prepared cifar10/ folder there works too.')
 
 
 def read_python_batch(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:

@@ -17,19 +17,28 @@ script set no seed, so its files cannot be regenerated.)
 Token ids: 0 padding, 1-10 the digits 0-9, 11-14 `[MIN [MAX [MED [SM`, 15 `]`.
 The parentheses in the LRA files only spell out the binary tree its generator
 built and are not tokens. The LRA input pipeline's alphanumeric tokenizer also
-dropped `]`; it is kept here, as later reimplementations do, so a sequence's
-length is the LRA generator's length (digits, operators and closing brackets).
+dropped `]`, which made its sequences about 15% shorter and the task ambiguous;
+by default `]` is kept here, as LRA's later fix and other reimplementations do
+(`close_token=False` drops it as LRA's published runs did; 15 ids then).
 
-Prepare the data once: `python -m efficient_attn.data.prepare listops --config lra`.
+Sources: `source='generated'` (the default) reads the data generated here, which
+must be prepared once: `python -m efficient_attn.data.prepare listops --config lra`.
+`source='lra_release'` reads LRA's own files
+`<data_dir>/lra_release/listops-1000/basic_{train,val,test}.tsv` (a header
+`Source<TAB>Target`, then one expression and its value per line), so that results
+can be reported on LRA's test set.
 """
 
 import dataclasses
+import functools
 import hashlib
 from typing import Callable
 
+import grain
 import numpy as np
 
 from efficient_attn.data import common
+from efficient_attn.data import tsv
 
 OPERATORS = ('[MIN', '[MAX', '[MED', '[SM')
 CLOSE = ']'
@@ -259,31 +268,66 @@ def tokens_to_text(tokens: np.ndarray) -> str:
   return ' '.join(VOCAB[t] for t in np.asarray(tokens) if t != common.PAD_ID)
 
 
-def text_to_tokens(text: str) -> np.ndarray:
+_TOKEN_IDS = {symbol.encode(): i for i, symbol in enumerate(VOCAB)}
+_SKIPPED = frozenset((b'(', b')'))
+
+
+def text_to_tokens(text: str | bytes) -> np.ndarray:
   """Token ids of an expression; LRA-file parentheses are skipped."""
-  index = {symbol: i for i, symbol in enumerate(VOCAB)}
-  words = [w for w in text.split() if w not in ('(', ')')]
-  unknown = sorted(set(words) - set(index))
-  if unknown:
-    raise ValueError(f'unknown ListOps symbols {unknown}; known: {VOCAB[1:]}')
-  return np.array([index[w] for w in words], dtype=np.uint8)
+  if isinstance(text, str):
+    text = text.encode()
+  words = [w for w in text.split() if w not in _SKIPPED]
+  try:
+    return np.array([_TOKEN_IDS[w] for w in words], dtype=np.uint8)
+  except KeyError:
+    unknown = sorted({w.decode(errors='replace') for w in words} - set(VOCAB))
+    raise ValueError(f'unknown ListOps symbols {unknown}; known: {VOCAB[1:]}') from None
 
 
-def _to_example(record: dict) -> dict:
-  """Model example of a stored record."""
-  return {'inputs': record['tokens'].astype(np.int32),
-          'targets': np.int32(record['label'])}
+def _to_example(tokens: np.ndarray, label, close_token: bool) -> dict:
+  """Model example of a token sequence and its value."""
+  tokens = np.asarray(tokens)
+  if not close_token:
+    tokens = tokens[tokens != CLOSE_ID]
+  return {'inputs': tokens.astype(np.int32), 'targets': np.int32(label)}
+
+
+def _from_record(record: dict, close_token: bool) -> dict:
+  """Model example of a prepared record."""
+  return _to_example(record['tokens'], record['label'], close_token)
+
+
+def _from_line(line: dict, close_token: bool) -> dict:
+  """Model example of a line of an LRA file."""
+  return _to_example(text_to_tokens(line['fields'][0]), line['label'], close_token)
+
+
+LRA_FILES = {'train': 'basic_train.tsv', 'valid': 'basic_val.tsv', 'test': 'basic_test.tsv'}
+
+
+def find_lra_file(data_dir, split: str):
+  """The LRA ListOps file of a split."""
+  name = f'listops-1000/{LRA_FILES[split]}'
+  return common.find_data(
+      data_dir, [f'lra_release/{name}', f'lra_release/lra_release/{name}', name],
+      what=f'LRA ListOps ({split})', expected=f'lra_release/{name}',
+      download=f'{common.LRA_RELEASE_URL} (extract it there)',
+      hint="Or generate ListOps here (source='generated').")
 
 
 def load(split: str, data_dir=None, seq_len: int | None = None, config: str = 'lra',
+         source: str = 'generated', close_token: bool = True,
          prepare_if_missing: bool = False) -> common.Task:
-  """The prepared ListOps split.
+  """A ListOps split, generated here or read from LRA's files.
 
   Args:
     split: 'train', 'valid' or 'test'.
-    data_dir: folder of prepared data sets (TFDS layout); defaults searched when None.
-    seq_len: model input length; the setting's max_length when None.
-    config: 'lra' (paper), 'small' or 'tiny'.
+    data_dir: folder of prepared data sets (TFDS layout) or of lra_release/;
+      defaults searched when None.
+    seq_len: model input length; when None the setting's max_length (2000 for LRA).
+    config: 'lra' (paper), 'small' or 'tiny'; only 'lra' with source='lra_release'.
+    source: 'generated' (prepared here) or 'lra_release' (LRA's TSV files).
+    close_token: keep `]` (16 ids); False drops it as LRA's tokenizer did (15 ids).
     prepare_if_missing: generate the data when it is not prepared yet.
 
   Returns:
@@ -292,8 +336,20 @@ def load(split: str, data_dir=None, seq_len: int | None = None, config: str = 'l
   from efficient_attn.data import generated  # pylint: disable=g-import-not-at-top
   common.check_choice('split', split, SPLITS)
   common.check_choice('config', config, tuple(SETTINGS))
-  records = generated.load_split('listops', config, split, data_dir, prepare_if_missing)
+  common.check_choice('source', source, ('generated', 'lra_release'))
+  if source == 'lra_release':
+    if config != 'lra':
+      raise ValueError(f"config={config!r} does not exist for source='lra_release'; "
+                       "LRA's files are config 'lra'")
+    lines = tsv.TsvLines(find_lra_file(data_dir, split), 2, label_field=1,
+                         parse_label=tsv.parse_class(NUM_CLASSES), header=b'Source')
+    examples = grain.MapDataset.source(lines).map(
+        functools.partial(_from_line, close_token=close_token))
+  else:
+    records = generated.load_split('listops', config, split, data_dir, prepare_if_missing)
+    examples = grain.MapDataset.source(records).map(
+        functools.partial(_from_record, close_token=close_token))
   return common.Task(
-      name='listops', split=split, source=common.MappedSource(records, _to_example),
-      vocab_size=VOCAB_SIZE, num_classes=NUM_CLASSES,
+      name='listops', split=split, source=examples,
+      vocab_size=VOCAB_SIZE if close_token else CLOSE_ID, num_classes=NUM_CLASSES,
       seq_len=seq_len or SETTINGS[config].max_length)

@@ -571,7 +571,7 @@ def find_lra_release(data_dir, resolution: int, difficulty: str) -> pathlib.Path
       data_dir, [f'lra_release/{tail}', f'lra_release/lra_release/{tail}', tail],
       what=f'LRA Pathfinder-{resolution} ({difficulty})',
       expected=f'the folder {tail} holding metadata/*.npy and imgs/*/sample_*.png',
-      download=common.LRA_RELEASE_NOTE,
+      download=f'{common.LRA_RELEASE_URL} (extract it there)',
       hint='Extract the archive there so that lra_release/ is directly inside the data folder. '
            'Or generate the data instead (source="generated").')
 

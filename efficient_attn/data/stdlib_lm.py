@@ -106,21 +106,6 @@ class WindowSource:
     return f'WindowSource({len(self.data)} bytes, seq_len={self.seq_len})'
 
 
-def bits_per_byte(total_nll_nats: float, num_bytes: int) -> float:
-  """Bits per byte from a summed negative log-likelihood in nats over `num_bytes` bytes."""
-  return float(total_nll_nats) / (num_bytes * math.log(2))
-
-
-def bits_per_byte_from_logits(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
-  """Bits per byte of next-byte logits `[..., vocab]` at target ids `[...]` where `mask` holds."""
-  logits = np.asarray(logits, dtype=np.float64)
-  shifted = logits - logits.max(axis=-1, keepdims=True)
-  log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-  picked = np.take_along_axis(log_probs, np.asarray(targets)[..., None], axis=-1)[..., 0]
-  mask = np.asarray(mask, dtype=bool)
-  return bits_per_byte(-picked[mask].sum(), int(mask.sum()))
-
-
 def load(split: str, data_dir=None, seq_len: int | None = None,
          root: str | pathlib.Path | None = None) -> common.Task:
   """The byte-level language-modelling task.

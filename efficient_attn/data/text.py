@@ -1,9 +1,13 @@
 """LRA Text: IMDB movie reviews at byte level, read from a copy the user provides.
 
-Binary sentiment classification of whole reviews, one token per byte (ids b + 1,
-0 is padding), cut to `seq_len` bytes: 1K to 4K in the paper (default 4096). 25K
-training and 25K test reviews. As in LRA, which has no validation set for this
-task, 'valid' is the test split.
+Binary sentiment classification of whole reviews, one token per byte, cut to
+`seq_len` bytes. The default, 1000, is LRA's released config (the paper reports 1K
+to 4K; `seq_len=4096` is one argument away). 25K training and 25K test reviews. As
+in LRA, which has no validation set for this task, 'valid' is the test split.
+
+Token ids differ from LRA's on purpose: here byte b is id b + 1 (257 ids, 0 only
+padding); LRA used the byte itself (256 ids) and masked `inputs > 0`, so a NUL
+byte counted as padding there. Reviews hold no NUL bytes, so only the ids shift.
 
 Data (no download happens here), either of:
   - the TFDS-prepared imdb_reviews folder `<data_dir>/imdb_reviews/plain_text/<version>/`
@@ -24,7 +28,7 @@ from efficient_attn.data import tfds_files
 IMDB_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/ (aclImdb_v1.tar.gz)'
 SPLITS = ('train', 'valid', 'test')
 NUM_CLASSES = 2
-DEFAULT_SEQ_LEN = 4096
+DEFAULT_SEQ_LEN = 1000  # LRA's released config
 # LRA validated on the test reviews; IMDB has no validation split.
 _STORED_SPLIT = {'train': 'train', 'valid': 'test', 'test': 'test'}
 _REVIEW_FILE = re.compile(r'^(\d+)_\d+\.txt$')
@@ -48,11 +52,9 @@ def read_tfds_imdb(data_dir, split: str) -> tuple[list[bytes], np.ndarray]:
 def find_acl_imdb(data_dir) -> pathlib.Path:
   """The extracted aclImdb folder."""
   return common.find_data(
-      data_dir, ['aclImdb', 'imdb/aclImdb'], what='IMDB reviews (aclImdb)',
-      expected='the folder aclImdb/ with train/ and test/, each holding pos/ and neg/ '
-               '*.txt reviews (aclImdb_v1.tar.gz extracted)',
-      download=IMDB_URL,
-      hint='Alternatively put a TFDS-prepared imdb_reviews/ folder there.')
+      data_dir, ['aclImdb', 'imdb/aclImdb'], what='IMDB reviews',
+      expected='aclImdb/ (aclImdb_v1.tar.gz extracted)', download=IMDB_URL,
+      hint='A TFDS-prepared imdb_reviews/ folder there works too.')
 
 
 def _review_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -102,7 +104,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None,
   Args:
     split: 'train', 'valid' (the test reviews, as LRA) or 'test'.
     data_dir: folder holding imdb_reviews/ or aclImdb/; defaults searched when None.
-    seq_len: bytes kept per review, 1024 to 4096 in the paper; 4096 when None.
+    seq_len: bytes kept per review; 1000 (LRA's config) when None.
     source: 'auto' (TFDS copy, else raw folder), 'tfds' or 'aclImdb'.
 
   Returns:
