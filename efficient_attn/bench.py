@@ -48,6 +48,18 @@ BENCH_OPTIONS = {
     MHA_LINFORMER: {'k': 256},
 }
 
+
+def bench_options(name: str, length: int) -> dict:
+  """The options of project row `name` at sequence length `length`."""
+  options = dict(BENCH_OPTIONS.get(name, {}))
+  if name in ('linformer', MHA_LINFORMER):
+    options['max_len'] = length
+  if name == 'lsh':
+    # n / chunk_len buckets, as reformer-pytorch (the paper and trax use twice that).
+    options['n_buckets'] = max(2, length // options['chunk_len'] // 2 * 2)
+  return options
+
+
 # PyTorch peers: row name -> the pip package, the module it imports, our row it is
 # compared with, the causal settings it runs, and how it differs from ours.
 PEERS = {
@@ -123,22 +135,17 @@ def _project_case(name: str, length: int, causal: bool, batch: int, heads: int,
 
   keys = jax.random.split(jax.random.key(0), 3)
   call_kwargs = {'causal': causal}
-  options = dict(BENCH_OPTIONS.get(name, {}))
+  options = bench_options(name, length)
   if name == MHA_LINFORMER:
     features = heads * head_dim
     module = ea.MultiHeadAttention(
         num_heads=heads, in_features=features, attention='linformer',
-        attention_options={**options, 'max_len': length}, rngs=nnx.Rngs(0))
+        attention_options=options, rngs=nnx.Rngs(0))
     inputs = (jax.random.normal(keys[0], (batch, length, features), jnp.float32),)
     return module, inputs, call_kwargs
   if name == JAX_REFERENCE:
     module = JaxReference()
   else:
-    if name == 'linformer':
-      options.setdefault('max_len', length)
-    if name == 'lsh':
-      # n / chunk_len buckets, as reformer-pytorch (the paper and trax use twice that).
-      options.setdefault('n_buckets', max(2, length // options['chunk_len'] // 2 * 2))
     module = ea.make_attention(name, rngs=nnx.Rngs(0), **options)
   inputs = tuple(jax.random.normal(key, (batch, length, heads, head_dim), jnp.float32)
                  for key in keys)

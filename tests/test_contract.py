@@ -175,7 +175,8 @@ def _linen_model(name):
 def test_from_linen_through_the_bridge_in_both_modes(name):
   model = _linen_model(name)
   x = jax.random.normal(jax.random.key(3), (BATCH, LENGTH, 16))
-  variables = model.init(jax.random.key(0), x, deterministic=True)
+  variables = jax.jit(model.init, static_argnames='deterministic')(
+      jax.random.key(0), x, deterministic=True)
   flax.serialization.from_bytes(variables, flax.serialization.to_bytes(variables))
   evaluate = jax.jit(lambda variables, x: model.apply(variables, x, deterministic=True))
   np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
@@ -219,3 +220,10 @@ def test_longformer_too_many_global_tokens_raise_also_under_jit():
   # A concrete mask closed over by a jitted function is checked at trace time.
   closed = jnp.asarray(global_mask)
   assert np.all(np.isfinite(jax.jit(lambda q: attn(q, k, v, global_mask=closed))(q)))
+  # Without the per-step check the first max_global of a row are global, silently.
+  unchecked = make('longformer', max_global=2, check_global_count=False)
+  global_mask[1, 9] = True
+  jitted = jax.jit(lambda q, global_mask: unchecked(q, k, v, global_mask=global_mask))
+  first_two = global_mask.copy()
+  first_two[1, 9] = False
+  np.testing.assert_allclose(jitted(q, global_mask), jitted(q, first_two), atol=1e-6)

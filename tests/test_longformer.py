@@ -258,7 +258,8 @@ def test_no_length_squared_array_forward_or_backward():
 def test_registered_with_its_options():
   assert 'longformer' in ea.available_attentions()
   assert ea.attention_class('longformer') is LongformerAttention
-  assert LongformerAttention.options == ('window', 'dilation', 'max_global', 'block')
+  assert LongformerAttention.options == ('window', 'dilation', 'max_global', 'block',
+                                        'check_global_count')
   attention = ea.make_attention('longformer', window=3)
   q, k, v = make_qkv(20)
   out = jit(attention)(q, k, v)

@@ -80,7 +80,7 @@ def as_key(rngs, streams: tuple[str, ...] = RANDOM_STREAMS) -> jax.Array:
     return random_stream(rngs, streams, fork=False)()
   if isinstance(rngs, nnx.RngStream):
     return rngs()
-  if isinstance(rngs, jax.Array) or hasattr(rngs, 'dtype'):
+  if hasattr(rngs, 'dtype'):
     if jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key):
       return rngs
     if rngs.dtype == jnp.uint32:

@@ -51,6 +51,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 def _pad_last(x: jax.Array, size: int) -> jax.Array:
   """Zero-pads the last axis of x to `size`."""
+  if x.shape[-1] == size:
+    return x
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 

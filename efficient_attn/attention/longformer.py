@@ -175,12 +175,14 @@ def _raise_if_too_many_global(most, max_global: int) -> None:
         'raise max_global')
 
 
-def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> None:
+def check_global_mask(global_mask, batch: int, length: int, max_global: int,
+                      count_under_jit: bool = True) -> None:
   """Raises ValueError unless `global_mask` is None or a bool `[batch, len]` within `max_global`.
 
   With concrete values the count is checked at once; under jit a host callback
-  checks it when the step runs, so the error surfaces (as a JaxRuntimeError
-  carrying this message) instead of global tokens being silently dropped.
+  checks it when the step runs (unless `count_under_jit` is False), so the error
+  surfaces (as a JaxRuntimeError carrying this message) instead of global tokens
+  being silently dropped.
   """
   if global_mask is None:
     return
@@ -192,6 +194,8 @@ def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> 
     raise ValueError(
         f'global_mask must have shape [batch, len] = {(batch, length)}, got {global_mask.shape}')
   if isinstance(global_mask, jax.core.Tracer):
+    if not count_under_jit:
+      return
     most = global_mask.sum(-1, dtype=jnp.int32).max(initial=0)
     jax.debug.callback(_raise_if_too_many_global, most, max_global)
   else:
@@ -200,10 +204,16 @@ def check_global_mask(global_mask, batch: int, length: int, max_global: int) -> 
 
 @base.register_attention('longformer')
 class LongformerAttention(base.Attention):
-  """Sliding-window attention with dilation and global tokens (Beltagy et al. 2020)."""
+  """Sliding-window attention with dilation and global tokens (Beltagy et al. 2020).
+
+  Options as `sliding_window_attention`; `check_global_count=False` drops the host
+  callback that, under jit, checks every step that no row has more than
+  `max_global` global tokens.
+  """
 
   def __init__(self, window: int = 256, dilation: int = 1, max_global: int = 16,
-               block: int | None = None, *, rngs: nnx.Rngs | None = None):
+               block: int | None = None, check_global_count: bool = True, *,
+               rngs: nnx.Rngs | None = None):
     base.check_positive_int('window', window)
     base.check_positive_int('dilation', dilation)
     base.check_positive_int('max_global', max_global)
@@ -213,11 +223,13 @@ class LongformerAttention(base.Attention):
     self.dilation = dilation
     self.max_global = max_global
     self.block = block
+    self.check_global_count = check_global_count
 
   def __call__(self, q, k, v, mask=None, causal=False, global_mask=None, *,
                deterministic=None, rngs=None):
     base.check_inputs(q, k, v, mask, self_attention=True)
-    check_global_mask(global_mask, q.shape[0], q.shape[1], self.max_global)
+    check_global_mask(global_mask, q.shape[0], q.shape[1], self.max_global,
+                      self.check_global_count)
     return sliding_window_attention(
         q, k, v, mask, causal, window=self.window, dilation=self.dilation,
         global_mask=global_mask, max_global=self.max_global, block=self.block)
