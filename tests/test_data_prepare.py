@@ -61,6 +61,8 @@ def test_folder_without_completion_files_is_not_complete(prepared_dir, tmp_path)
   (version_dir / 'features.json').unlink()
   with pytest.raises(MissingDataError):
     get_task('listops', tmp_path, config='tiny')
+  assert generated.prepare('listops', 'tiny', tmp_path) == version_dir
+  assert len(get_task('listops', tmp_path, config='tiny').source) == 256
 
 
 def test_missing_data_message_is_short(tmp_path):
