@@ -177,8 +177,8 @@ def test_status_covers_every_config_and_split(prepared_dir, tmp_path, capsys):
   configs = [(t, c) for t in generated.BUILDERS for c in generated.config_names(t)]
   for task, config in configs:
     assert any(line.startswith(f'{task} {config}: ') for line in lines)
-  missing = [line for line in lines if line.startswith('pathfinder res64_easy: NOT READY')]
-  assert missing and 'prepare pathfinder --config res64_easy' in missing[0]
+  assert (f'pathfinder res64_easy: not prepared; run: python -m efficient_attn.data.prepare '
+          f'pathfinder --config res64_easy --data_dir {tmp_path}') in lines
   assert any(line.startswith('stdlib_lm: train ') for line in lines)
   assert any(line.startswith('text: NOT READY') for line in lines)
   assert len(lines) == len(configs) + 4  # text, retrieval, image, stdlib_lm

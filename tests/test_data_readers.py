@@ -143,13 +143,15 @@ def test_text_from_tfds_prepared_folder(tmp_path, monkeypatch, file_format):
 def test_tfds_damaged_record_is_named(tmp_path, monkeypatch, file_format):
   version_dir = write_tfds_imdb(monkeypatch, tmp_path, file_format)
   text = b'Loved it <br /> truly'
-  stored = [e['text'] for e in tfds_files.read_split(version_dir, 'train', fix='')]
+  stored = [e['text'] for e in tfds_files.read_split(version_dir, 'train', fix='copy it')]
   shard = next(version_dir.glob(f'imdb_reviews-train.{file_format}-*'))
   data = bytearray(shard.read_bytes())
   data[data.index(text) + 3] ^= 1
   shard.write_bytes(bytes(data))
-  message = f'{shard.name} is damaged: record {stored.index(text)}'
-  with pytest.raises(CorruptDataError, match=message):
+  with pytest.raises(CorruptDataError, match=f'{shard.name} is damaged: record {stored.index(text)}'
+                     '.*; copy it$'):
+    tfds_files.read_split(version_dir, 'train', fix='copy it').__getitems__([0, 1, 2])
+  with pytest.raises(CorruptDataError, match=shard.name):
     get_task('text', tmp_path, source='tfds')
 
 

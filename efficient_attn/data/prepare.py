@@ -19,25 +19,28 @@ from efficient_attn.data import listops
 from efficient_attn.data import pathfinder
 from efficient_attn.data import tasks
 
-def _split_sizes(read) -> str:
-  """'train 10, valid 2, test 2' for `read(split)` returning sources, or the error's message."""
+def _status(read, missing: str | None = None) -> str:
+  """'train 10, valid 2, test 2' for `read(split)` returning sources, else what is wrong."""
   try:
     return ', '.join(f'{split} {len(read(split))}' for split in listops.SPLITS)
-  except (common.MissingDataError, common.CorruptDataError) as error:
-    return f'NOT READY. {error}'
+  except common.MissingDataError as error:
+    return missing or f'NOT READY. {error}'
+  except common.CorruptDataError as error:
+    return f'DAMAGED. {error}'
 
 
 def print_status(data_dir=None) -> None:
   """Prints one line per generated config and per other task: split sizes, or what to do."""
   for task in generated.BUILDERS:
     for config in generated.config_names(task):
-      sizes = _split_sizes(lambda split: generated.load_split(task, config, split, data_dir))
-      print(f'{task} {config}: {sizes}')
+      status = _status(lambda split: generated.load_split(task, config, split, data_dir),
+                       f'not prepared; run: {generated.prepare_command(task, config, data_dir)}')
+      print(f'{task} {config}: {status}')
   for name in tasks.available_tasks():
     if name in generated.BUILDERS or name == 'pathx':  # pathx: the 128 px Pathfinder configs
       continue
-    sizes = _split_sizes(lambda split: tasks.get_task(name, data_dir, split=split).source)
-    print(f'{name}: {sizes}')
+    status = _status(lambda split: tasks.get_task(name, data_dir, split=split).source)
+    print(f'{name}: {status}')
 
 
 def _parser() -> argparse.ArgumentParser:

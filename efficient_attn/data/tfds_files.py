@@ -173,7 +173,10 @@ def read_split(version_dir: pathlib.Path, split: str, fix: str) -> Sequence[dict
     _check_counts(paths, lengths, [_count_array_records(p, fix) for p in paths], fix)
     source = builder.as_data_source(split=split)
   elif file_format == 'tfrecord':
-    shards = [read_tfrecord(path) for path in paths]
+    try:
+      shards = [read_tfrecord(path) for path in paths]
+    except common.CorruptDataError as error:
+      raise common.CorruptDataError(f'{error}; {fix}') from error
     _check_counts(paths, lengths, [len(shard) for shard in shards], fix)
     source = common.MappedSource([r for shard in shards for r in shard],
                                  builder.info.features.deserialize_example_np)
