@@ -81,25 +81,10 @@ def prepare(task: str, config: str, data_dir=None, *, timeout_s: float = LOCK_TI
                                 **options)
   version_dir = pathlib.Path(builder.data_path)
   lock = version_dir.parent / LOCK_NAME
-  deadline = time.monotonic() + timeout_s
-  announced = False
-  while not _take_lock(lock):
-    found = _find(task, config, root)
-    if found is not None:
-      print(f'{task} ({config}) was prepared by another process in {found}.')
-      return found
-    holder = _lock_text(lock)
-    if _is_stale(holder):
-      _remove_stale(lock, holder)
-      continue
-    if time.monotonic() > deadline:
-      raise TimeoutError(
-          f'waited {timeout_s:.0f} s for {lock} ({holder or "unreadable"}) to go while another '
-          f'process prepares {task} ({config}); delete it if no preparation is running')
-    if not announced:
-      print(f'waiting for the process that holds {lock} ({holder}) to prepare {task} ({config})')
-      announced = True
-    time.sleep(poll_s)
+  found = _lock_or_wait(lock, lambda: _find(task, config, root), timeout_s, poll_s)
+  if found is not None:
+    print(f'{task} ({config}) was prepared by another process in {found}.')
+    return found
   try:
     found = _find(task, config, root)
     if found is not None:  # prepared by the process that held the lock before
@@ -110,6 +95,33 @@ def prepare(task: str, config: str, data_dir=None, *, timeout_s: float = LOCK_TI
     lock.unlink(missing_ok=True)
   print(f'{task} ({config}) prepared in {version_dir}.')
   return version_dir
+
+
+def _lock_or_wait(lock: pathlib.Path, find, timeout_s: float, poll_s: float):
+  """Takes `lock` and returns None, or returns `find()` once another process prepared the data.
+
+  Raises:
+    TimeoutError: the lock stayed with another process for `timeout_s`.
+  """
+  deadline = time.monotonic() + timeout_s
+  announced = False
+  while not _take_lock(lock):
+    found = find()
+    if found is not None:
+      return found
+    holder = _lock_text(lock)
+    if _is_stale(holder):
+      _remove_stale(lock, holder)
+      continue
+    if time.monotonic() > deadline:
+      raise TimeoutError(
+          f'waited {timeout_s:.0f} s for {lock} ({holder or "unreadable"}) to go while another '
+          'process prepares the data; delete it if no preparation is running')
+    if not announced:
+      print(f'waiting for the process holding {lock} ({holder}) to prepare the data')
+      announced = True
+    time.sleep(poll_s)
+  return None
 
 
 def _take_lock(lock: pathlib.Path) -> bool:
