@@ -2,6 +2,7 @@
 
 import io
 import json
+import pathlib
 import pickle
 import struct
 
@@ -22,48 +23,51 @@ def ids(text: bytes) -> list[int]:
 
 # --- TFDS-prepared folders ---------------------------------------------------------------------
 
-def example_bytes(features: dict) -> bytes:
-  """A serialized tf.train.Example of {name: bytes or int}."""
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
-  example = tf_example_pb2.Example()
-  for name, value in features.items():
-    if isinstance(value, bytes):
-      example.features.feature[name].bytes_list.value.append(value)
-    else:
-      example.features.feature[name].int64_list.value.append(value)
-  return example.SerializeToString()
+def write_prepared(monkeypatch, root, name: str, splits: dict) -> pathlib.Path:
+  """A folder that TFDS's own `name` builder (its real features) prepared from `splits`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=str(root), file_format='array_record')
+  monkeypatch.setattr(type(builder), '_split_generators',
+                      lambda self, dl_manager: {s: enumerate(e) for s, e in splits.items()})
+  builder.download_and_prepare()
+  return pathlib.Path(builder.data_path)
+
+
+def crc32c(pieces: list[bytes]) -> list[int]:
+  """CRC-32C of each piece."""
+  lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+  starts = np.cumsum(lengths) - lengths
+  data = np.frombuffer(b''.join(pieces), dtype=np.uint8)
+  return tfds_files.crc32c_many(data, starts, lengths).tolist()
 
 
 def tfrecord_bytes(records: list[bytes]) -> bytes:
   """TFRecord framing: length, masked CRC of length, data, masked CRC of data."""
-  out = []
-  for record in records:
-    header = struct.pack('<Q', len(record))
-    out += [header, struct.pack('<I', tfds_files.masked_crc32c(header)), record,
-            struct.pack('<I', tfds_files.masked_crc32c(record))]
-  return b''.join(out)
+  headers = [struct.pack('<Q', len(record)) for record in records]
+  crcs = [struct.pack('<I', c) for c in tfds_files.mask_crc(crc32c(headers + records))]
+  return b''.join(header + crcs[i] + record + crcs[len(records) + i]
+                  for i, (header, record) in enumerate(zip(headers, records)))
 
 
-def write_tfds_folder(folder, name: str, splits: dict, file_format: str = 'tfrecord'):
-  """A TFDS-prepared version folder with one shard per split of serialized Examples."""
-  folder.mkdir(parents=True)
-  info = {'name': name, 'version': '1.0.0', 'splits': []}
-  for split, records in splits.items():
-    path = folder / f'{name}-{split}.{file_format}-00000-of-00001'
-    if file_format == 'tfrecord':
-      path.write_bytes(tfrecord_bytes(records))
-    else:
-      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-      writer = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
-      for record in records:
-        writer.write(record)
-      writer.close()
-    info['splits'].append({'name': split, 'shardLengths': [str(len(records))]})
-  (folder / 'dataset_info.json').write_text(json.dumps(info))
+def as_tfrecord(version_dir: pathlib.Path) -> None:
+  """Rewrites a prepared array_record folder as the TFRecord folder `tfds build` writes."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  for path in version_dir.glob('*.array_record-*'):
+    reader = array_record_module.ArrayRecordReader(str(path))
+    records = reader.read_all()
+    reader.close()
+    path.with_name(path.name.replace('.array_record-', '.tfrecord-')).write_bytes(
+        tfrecord_bytes(records))
+    path.unlink()
+  info = json.loads((version_dir / 'dataset_info.json').read_text())
+  info['fileFormat'] = 'tfrecord'
+  (version_dir / 'dataset_info.json').write_text(json.dumps(info))
 
 
-def test_crc32c_known_value():
-  assert tfds_files.crc32c(b'123456789') == 0xE3069283
+def test_crc32c_known_values():
+  assert crc32c([b'123456789', b'', b'a']) == [0xE3069283, 0, 0xC1D04330]
+  long = bytes(range(256)) * 3
+  assert crc32c([long, b'123456789'])[1] == 0xE3069283  # a long piece beside a short one
 
 
 # --- Text ------------------------------------------------------------------------------------
@@ -112,30 +116,62 @@ def test_text_incomplete_or_empty_files_are_named(tmp_path):
     get_task('text', tmp_path)
 
 
-def imdb_records(split: str) -> list[bytes]:
-  return [example_bytes({'text': text, 'label': int(label == 'pos')})
-          for label, texts in REVIEWS[split].items() for text in texts]
+def write_tfds_imdb(monkeypatch, root, file_format: str) -> pathlib.Path:
+  """A TFDS-prepared imdb_reviews folder of REVIEWS in `file_format`; returns its version folder."""
+  splits = {split: [{'text': text, 'label': int(label == 'pos')}
+                    for label, texts in labels.items() for text in texts]
+            for split, labels in REVIEWS.items()}
+  version_dir = write_prepared(monkeypatch, root, 'imdb_reviews', splits)
+  if file_format == 'tfrecord':
+    as_tfrecord(version_dir)
+  return version_dir
 
 
-def test_text_from_tfds_prepared_folder(tmp_path):
-  folder = tmp_path / 'imdb_reviews' / 'plain_text' / '1.0.0'
-  write_tfds_folder(folder, 'imdb_reviews', {s: imdb_records(s) for s in REVIEWS})
+def reviews(task) -> list[tuple[list[int], int]]:
+  return sorted((task.source[i]['inputs'].tolist(), int(task.source[i]['targets']))
+                for i in range(len(task.source)))
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_text_from_tfds_prepared_folder(tmp_path, monkeypatch, file_format):
+  write_tfds_imdb(monkeypatch, tmp_path, file_format)
   task = get_task('text', tmp_path, split='test', source='tfds')
-  assert [task.source[i]['inputs'].tolist() for i in range(3)] == [
-      ids(b'Fine'), ids(b'Awful acting'), ids(b'No')]
-  assert [int(task.source[i]['targets']) for i in range(3)] == [1, 0, 0]
+  assert reviews(task) == sorted([(ids(b'Fine'), 1), (ids(b'Awful acting'), 0), (ids(b'No'), 0)])
 
 
-def test_tfds_truncated_or_short_file_is_named(tmp_path):
-  folder = tmp_path / 'imdb_reviews' / 'plain_text' / '1.0.0'
-  write_tfds_folder(folder, 'imdb_reviews', {s: imdb_records(s) for s in REVIEWS})
-  shard = folder / 'imdb_reviews-train.tfrecord-00000-of-00001'
-  data = shard.read_bytes()
-  shard.write_bytes(data[:-7])
-  with pytest.raises(CorruptDataError, match='train.tfrecord-00000-of-00001 is truncated'):
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_tfds_damaged_record_is_named(tmp_path, monkeypatch, file_format):
+  version_dir = write_tfds_imdb(monkeypatch, tmp_path, file_format)
+  text = b'Loved it <br /> truly'
+  stored = [e['text'] for e in tfds_files.read_split(version_dir, 'train', fix='copy it')]
+  shard = next(version_dir.glob(f'imdb_reviews-train.{file_format}-*'))
+  data = bytearray(shard.read_bytes())
+  data[data.index(text) + 3] ^= 1
+  shard.write_bytes(bytes(data))
+  with pytest.raises(CorruptDataError, match=f'{shard.name} is damaged: record {stored.index(text)}'
+                     '.*; copy it$'):
+    tfds_files.read_split(version_dir, 'train', fix='copy it').__getitems__([0, 1, 2])
+  with pytest.raises(CorruptDataError, match=shard.name):
     get_task('text', tmp_path, source='tfds')
-  shard.write_bytes(tfrecord_bytes(imdb_records('train')[:2]))
-  with pytest.raises(CorruptDataError, match='holds 2 records, dataset_info.json says 3'):
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_tfds_truncated_file_is_named(tmp_path, monkeypatch, file_format):
+  version_dir = write_tfds_imdb(monkeypatch, tmp_path, file_format)
+  shard = next(version_dir.glob(f'imdb_reviews-train.{file_format}-*'))
+  data = shard.read_bytes()
+  cut = len(data) - 7 if file_format == 'tfrecord' else len(data) // 2
+  shard.write_bytes(data[:cut])
+  with pytest.raises(CorruptDataError, match=shard.name):
+    get_task('text', tmp_path, source='tfds')
+
+
+def test_tfds_short_file_is_named(tmp_path, monkeypatch):
+  version_dir = write_tfds_imdb(monkeypatch, tmp_path, 'tfrecord')
+  shard = next(version_dir.glob('imdb_reviews-train.tfrecord-*'))
+  shard.write_bytes(tfrecord_bytes(tfds_files.read_tfrecord(shard)[:2]))
+  message = f'{shard.name} holds 2 records, dataset_info.json says 3'
+  with pytest.raises(CorruptDataError, match=message):
     get_task('text', tmp_path, source='tfds')
 
 
@@ -246,19 +282,29 @@ def test_image_missing_and_truncated_batches_are_named(tmp_path):
     get_task('image', tmp_path)
 
 
-def test_image_from_tfds_array_record_folder(tmp_path):
-  splits, images = {}, {}
+def png_bytes(image: np.ndarray) -> io.BytesIO:
+  png = io.BytesIO()
+  Image.fromarray(image).save(png, format='PNG')
+  png.seek(0)
+  return png
+
+
+def test_image_from_tfds_prepared_folder(tmp_path, monkeypatch):
+  splits, expected = {}, {}
   for split, count in (('train', 10), ('test', 3)):
-    images[split], labels = cifar_images(count, seed=count)
-    records = []
-    for image, label in zip(images[split], labels):
-      png = io.BytesIO()
-      Image.fromarray(image).save(png, format='PNG')
-      records.append(example_bytes({'id': b'x', 'image': png.getvalue(), 'label': int(label)}))
-    splits[split] = records
-  write_tfds_folder(tmp_path / 'cifar10' / '3.0.2', 'cifar10', splits, 'array_record')
-  task = get_task('image', tmp_path, split='test', source='tfds')
-  np.testing.assert_array_equal(task.source[1]['inputs'], expected_tokens(images['test'][1:2])[0])
+    images, labels = cifar_images(count, seed=count)
+    splits[split] = [{'id': f'{split}_{i}', 'image': png_bytes(image), 'label': int(label)}
+                     for i, (image, label) in enumerate(zip(images, labels))]
+    expected[split] = sorted(zip(expected_tokens(images).tolist(), labels.tolist()))
+  write_prepared(monkeypatch, tmp_path, 'cifar10', splits)
+  read = {}
+  for split in ('train', 'valid', 'test'):
+    source = get_task('image', tmp_path, split=split, source='tfds').source
+    read[split] = [(source[i]['inputs'].tolist(), int(source[i]['targets']))
+                   for i in range(len(source))]
+  assert (len(read['train']), len(read['valid'])) == (9, 1)  # LRA: train[:90%] in TFDS order
+  assert sorted(read['train'] + read['valid']) == expected['train']
+  assert sorted(read['test']) == expected['test']
 
 
 def test_gray_matches_formula():

@@ -1,15 +1,22 @@
 """Data sets generated here (ListOps, Pathfinder), stored as TFDS array_record data sets.
 
 A data set counts as prepared only when TFDS finished it: TFDS writes into an
-`incomplete.*` folder and renames it at the end, and a version folder without its
-dataset_info.json and features.json (an interrupted copy, say) is not prepared.
-`prepare` removes such leftovers before generating, and does nothing when the data
-set is already prepared.
+`incomplete.*` folder and renames it at the end (see `tfds_files.find_prepared`).
+`prepare` does nothing when the data set is already prepared. Hosts sharing a
+file system may all call it: the lock file `<config folder>/prepare.lock`
+(holding host, pid and time) lets one host prepare while the others wait for it.
+Only the lock holder deletes leftovers of interrupted runs, so no host deletes
+another's folder in progress; a lock left by a dead process of this host is
+taken over.
 """
 
 import importlib
+import json
+import os
 import pathlib
 import shutil
+import socket
+import time
 
 from efficient_attn.data import common
 from efficient_attn.data import tfds_files
@@ -18,6 +25,9 @@ BUILDERS = {
     'listops': ('efficient_attn.data.listops_builder', 'LraListops'),
     'pathfinder': ('efficient_attn.data.pathfinder_builder', 'LraPathfinder'),
 }
+LOCK_NAME = 'prepare.lock'
+# Longer than preparing the largest config takes.
+LOCK_TIMEOUT_S = 24 * 3600.0
 
 
 def builder_class(task: str):
@@ -32,99 +42,168 @@ def config_names(task: str) -> tuple[str, ...]:
   return tuple(config.name for config in builder_class(task).BUILDER_CONFIGS)
 
 
-def make_builder(task: str, config: str, data_dir):
-  """The builder of `task`/`config` writing to and reading from `data_dir`."""
-  common.check_choice(f'{task} config', config, config_names(task))
-  return builder_class(task)(config=config, data_dir=str(data_dir), file_format='array_record')
-
-
 def prepare_command(task: str, config: str, data_dir=None) -> str:
   """The shell command that prepares `task`/`config`."""
   where = f' --data_dir {data_dir}' if data_dir is not None else ''
   return f'python -m efficient_attn.data.prepare {task} --config {config}{where}'
 
 
-def is_prepared(builder) -> bool:
-  """Whether TFDS finished preparing `builder`'s data."""
-  return (pathlib.Path(builder.data_path) / 'dataset_info.json').exists() and builder.is_prepared()
+def _find(task: str, config: str, data_dir) -> pathlib.Path | None:
+  """The prepared version folder of `task`/`config` (`tfds_files.find_prepared`), or None."""
+  common.check_choice(f'{task} config', config, config_names(task))
+  return tfds_files.find_prepared(data_dir, builder_class(task).name, config)
 
 
-def find_prepared(task: str, config: str, data_dir=None):
-  """The builder of the first data folder holding a prepared copy, or None."""
-  for root in common.data_dirs(data_dir):
-    builder = make_builder(task, config, root)
-    if is_prepared(builder):
-      return builder
-  return None
-
-
-def remove_partial(builder) -> list[pathlib.Path]:
-  """Deletes leftovers of interrupted preparations of `builder`; returns what was deleted."""
-  version_dir = pathlib.Path(builder.data_path)
-  config_dir = version_dir.parent
-  removed = []
-  if config_dir.exists():
-    removed += [p for p in config_dir.iterdir() if p.name.startswith('incomplete.')]
-  if version_dir.exists() and not is_prepared(builder):
-    removed.append(version_dir)
-  for path in removed:
-    if path.is_dir():
-      shutil.rmtree(path)
-    else:
-      path.unlink()
-  return removed
-
-
-def prepare(task: str, config: str, data_dir=None):
-  """Generates `task`/`config` unless it is already prepared; returns the builder.
+def prepare(task: str, config: str, data_dir=None, *, timeout_s: float = LOCK_TIMEOUT_S,
+            poll_s: float = 5.0, **options) -> pathlib.Path:
+  """Generates `task`/`config` unless it is already prepared; returns its version folder.
 
   Args:
     task: 'listops' or 'pathfinder'.
     config: a name from `config_names(task)`.
     data_dir: where to write; the first default data folder when None.
+    timeout_s: how long to wait for another process preparing the same data.
+    poll_s: seconds between checks while waiting.
+    **options: builder options, e.g. workers=4 (pathfinder: processes drawing images).
 
   Returns:
-    The TFDS builder of the prepared data.
+    The version folder of the prepared data.
+
+  Raises:
+    TimeoutError: another process held the lock for longer than `timeout_s`.
   """
-  prepared = find_prepared(task, config, data_dir)
-  if prepared is not None:
-    return prepared
-  builder = make_builder(task, config, common.data_dirs(data_dir)[0])
-  remove_partial(builder)
-  builder.download_and_prepare()
-  return builder
+  found = _find(task, config, data_dir)
+  if found is not None:
+    print(f'{task} ({config}) is already prepared in {found}; nothing to do.')
+    return found
+  root = common.data_dirs(data_dir)[0]
+  builder = builder_class(task)(config=config, data_dir=str(root), file_format='array_record',
+                                **options)
+  version_dir = pathlib.Path(builder.data_path)
+  lock = version_dir.parent / LOCK_NAME
+  found = _lock_or_wait(lock, lambda: _find(task, config, root), timeout_s, poll_s)
+  if found is not None:
+    print(f'{task} ({config}) was prepared by another process in {found}.')
+    return found
+  try:
+    found = _find(task, config, root)
+    if found is not None:  # prepared by the process that held the lock before
+      return found
+    _remove_leftovers(version_dir)
+    builder.download_and_prepare()
+  finally:
+    lock.unlink(missing_ok=True)
+  print(f'{task} ({config}) prepared in {version_dir}.')
+  return version_dir
+
+
+def _lock_or_wait(lock: pathlib.Path, find, timeout_s: float, poll_s: float):
+  """Takes `lock` and returns None, or returns `find()` once another process prepared the data.
+
+  Raises:
+    TimeoutError: the lock stayed with another process for `timeout_s`.
+  """
+  deadline = time.monotonic() + timeout_s
+  announced = False
+  while not _take_lock(lock):
+    found = find()
+    if found is not None:
+      return found
+    holder = _lock_text(lock)
+    if _is_stale(holder):
+      _remove_stale(lock, holder)
+      continue
+    if time.monotonic() > deadline:
+      raise TimeoutError(
+          f'waited {timeout_s:.0f} s for {lock} ({holder or "unreadable"}) to go while another '
+          'process prepares the data; delete it if no preparation is running')
+    if not announced:
+      print(f'waiting for the process holding {lock} ({holder}) to prepare the data')
+      announced = True
+    time.sleep(poll_s)
+  return None
+
+
+def _take_lock(lock: pathlib.Path) -> bool:
+  """Creates `lock` holding this host, pid and time; False when it exists already."""
+  lock.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}, f)
+  return True
+
+
+def _lock_text(lock: pathlib.Path) -> str:
+  """What `lock` holds; '' when it is gone or not written yet."""
+  try:
+    return lock.read_text()
+  except FileNotFoundError:
+    return ''
+
+
+def _is_stale(holder: str) -> bool:
+  """Whether lock text `holder` names a process of this host that no longer runs."""
+  try:
+    owner = json.loads(holder)
+  except ValueError:  # gone, or being written
+    return False
+  if owner.get('host') != socket.gethostname():
+    return False
+  try:
+    os.kill(owner['pid'], 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # alive, another user's
+    return False
+  return False
+
+
+def _remove_stale(lock: pathlib.Path, holder: str) -> None:
+  """Deletes `lock` if it still holds `holder`; puts back a lock taken meanwhile."""
+  moved = lock.with_name(f'{lock.name}.stale.{os.getpid()}')
+  try:
+    os.rename(lock, moved)
+  except FileNotFoundError:
+    return
+  if moved.read_text() != holder:
+    try:
+      os.link(moved, lock)
+    except FileExistsError:
+      pass
+  moved.unlink()
+
+
+def _remove_leftovers(version_dir: pathlib.Path) -> None:
+  """Deletes interrupted preparations of `version_dir`; call only while holding the lock."""
+  config_dir = version_dir.parent
+  leftovers = [p for p in config_dir.iterdir() if p.name.startswith('incomplete.')]
+  if version_dir.exists():  # not complete, or `prepare` would have found it
+    leftovers.append(version_dir)
+  for path in leftovers:
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
 
 
 def load_split(task: str, config: str, split: str, data_dir=None, prepare_if_missing=False):
-  """The random-access TFDS data source of a prepared split.
+  """The random-access source of a prepared split (TFDS-decoded example dicts).
 
   Raises:
     MissingDataError: the data is not prepared; the message gives the command.
-    CorruptDataError: a data file is missing or unreadable; the message names it.
+    CorruptDataError: a data file is missing or damaged; the message names it.
   """
-  builder = find_prepared(task, config, data_dir)
-  if builder is None and prepare_if_missing:
-    builder = prepare(task, config, data_dir)
-  if builder is None:
-    searched = ', '.join(str(d) for d in common.data_dirs(data_dir))
+  version_dir = _find(task, config, data_dir)
+  if version_dir is None and prepare_if_missing:
+    version_dir = prepare(task, config, data_dir)
+  command = prepare_command(task, config, data_dir)
+  if version_dir is None:
+    folders = common.data_dirs(data_dir)
+    goes = '' if data_dir is not None else f'; it writes to {folders[0]}'
     raise common.MissingDataError(
-        f'{task} ({config}) is not prepared in {searched}. Generate it (no download needed) '
-        f'with: {prepare_command(task, config, data_dir)}')
-  _check_files(builder, split, prepare_command(task, config, data_dir))
-  return builder.as_data_source(split=split)
-
-
-def _check_files(builder, split: str, command: str) -> None:
-  """Raises CorruptDataError naming a shard of `split` that is missing or not whole."""
-  split_info = builder.info.splits[split]
-  for path, expected in zip(split_info.filepaths, split_info.shard_lengths):
-    path = pathlib.Path(path)
-    advice = f'delete {builder.data_path} and run: {command}'
-    if not path.exists():
-      raise common.CorruptDataError(f'{path} is missing from the prepared data; {advice}')
-    try:
-      count = tfds_files.count_array_records(path)
-    except common.CorruptDataError as error:
-      raise common.CorruptDataError(f'{error}; {advice}') from error
-    if count != expected:
-      raise common.CorruptDataError(f'{path} holds {count} records, expected {expected}; {advice}')
+        f'{task} ({config}) is not prepared in {", ".join(map(str, folders))}. Generate it '
+        f'(no download) with: {command}{goes}')
+  return tfds_files.read_split(version_dir, split, fix=f'delete {version_dir} and run: {command}')

@@ -54,17 +54,12 @@ def _decode_png(data: bytes, path: pathlib.Path) -> np.ndarray:
 
 def read_tfds_cifar(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
   """RGB images `[n, 32, 32, 3]` and labels of a split ('train' or 'test') of TFDS cifar10."""
-  version_dir = tfds_files.find_prepared(
-      data_dir, 'cifar10', None, what='TFDS-prepared cifar10',
-      download=f'TFDS (tfds build cifar10) or {CIFAR_URL}')
-  images, labels = [], []
-  for record, path in tfds_files.read_split(version_dir, split):
-    features = tfds_files.parse_example(record, path)
-    if len(features.get('image', ())) != 1 or len(features.get('label', ())) != 1:
-      raise common.CorruptDataError(f'{path} holds a record without image and label')
-    images.append(_decode_png(features['image'][0], path))
-    labels.append(features['label'][0])
-  return np.stack(images), np.asarray(labels, dtype=np.int32)
+  version_dir = tfds_files.require_prepared(
+      data_dir, 'cifar10', download=f'TFDS (tfds build cifar10) or {CIFAR_URL}')
+  source = tfds_files.read_split(version_dir, split, fix='copy the prepared cifar10 again')
+  examples = source.__getitems__(list(range(len(source))))
+  return (np.stack([e['image'] for e in examples]),
+          np.asarray([e['label'] for e in examples], np.int32))
 
 
 def find_python_batches(data_dir) -> pathlib.Path:

@@ -36,17 +36,12 @@ _REVIEW_FILE = re.compile(r'^(\d+)_\d+\.txt$')
 
 def read_tfds_imdb(data_dir, split: str) -> tuple[list[bytes], np.ndarray]:
   """Texts and labels (1 = positive) of a split of TFDS-prepared imdb_reviews."""
-  version_dir = tfds_files.find_prepared(
-      data_dir, 'imdb_reviews', 'plain_text', what='TFDS-prepared imdb_reviews',
+  version_dir = tfds_files.require_prepared(
+      data_dir, 'imdb_reviews', 'plain_text',
       download=f'TFDS (tfds build imdb_reviews) or {IMDB_URL}')
-  texts, labels = [], []
-  for record, path in tfds_files.read_split(version_dir, split):
-    features = tfds_files.parse_example(record, path)
-    if len(features.get('text', ())) != 1 or len(features.get('label', ())) != 1:
-      raise common.CorruptDataError(f'{path} holds a record without text and label')
-    texts.append(features['text'][0])
-    labels.append(features['label'][0])
-  return texts, np.asarray(labels, dtype=np.int32)
+  source = tfds_files.read_split(version_dir, split, fix='copy the prepared imdb_reviews again')
+  examples = source.__getitems__(list(range(len(source))))
+  return [e['text'] for e in examples], np.asarray([e['label'] for e in examples], np.int32)
 
 
 def find_acl_imdb(data_dir) -> pathlib.Path:

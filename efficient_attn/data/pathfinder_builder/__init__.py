@@ -28,8 +28,11 @@ class LraPathfinder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   BUILDER_CONFIGS = [_config(name, setting) for name, setting in pathfinder.SETTINGS.items()]
-  # Processes drawing images while preparing; the images do not depend on it.
-  workers = 1
+
+  def __init__(self, *, workers: int = 1, **kwargs):
+    """`workers`: processes drawing images while preparing (the images do not depend on it)."""
+    super().__init__(**kwargs)
+    self.workers = workers
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.setting.resolution
