@@ -14,7 +14,6 @@ import pytest
 from efficient_attn.data import CorruptDataError, MissingDataError, get_task, listops, prepare
 from efficient_attn.data import generated, pathfinder, tfds_files
 
-from test_data_helpers import prepared_dir  # pylint: disable=unused-import
 
 
 def files_and_times(folder: pathlib.Path) -> dict:
@@ -87,7 +86,7 @@ def test_damaged_or_truncated_shard_is_named(prepared_dir, tmp_path):
   task = get_task('listops', tmp_path, config='tiny')
   assert len(task.source[6]['inputs'])
   with pytest.raises(CorruptDataError, match=f'{shard.name} is damaged: record 7'):
-    task.source.__getitems__([5, 6, 7])
+    [task.source[i] for i in (5, 6, 7)]
   shard.write_bytes(data[:len(data) // 3])
   with pytest.raises(CorruptDataError, match=shard.name):
     get_task('listops', tmp_path, config='tiny')

@@ -19,7 +19,6 @@ Data (no download happens here), either of:
     `<data_dir>/cifar-10-batches-py/{data_batch_1..5,test_batch}` exist.
 """
 
-import io
 import pathlib
 import pickle
 
@@ -36,20 +35,6 @@ SEQ_LEN = IMAGE_SIZE * IMAGE_SIZE
 TRAIN_FRACTION = 0.9
 TRAIN_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
 TEST_BATCHES = ('test_batch',)
-
-
-def _decode_png(data: bytes, path: pathlib.Path) -> np.ndarray:
-  """An RGB image `[32, 32, 3]` from PNG bytes."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      pixels = np.asarray(image.convert('RGB'))
-  except Exception as error:  # PIL raises several types for damaged data
-    raise common.CorruptDataError(
-        f'{path} holds an image that cannot be decoded: {error}') from error
-  if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-    raise common.CorruptDataError(f'{path} holds an image of shape {pixels.shape}')
-  return pixels
 
 
 def read_tfds_cifar(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
