@@ -10,6 +10,7 @@ import os
 import pathlib
 from typing import Any, Callable, Sequence
 
+import grain
 import numpy as np
 
 PAD_ID = 0
@@ -160,67 +161,35 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
   return np.clip(gray * 255.5, 0, 255).astype(np.uint8)
 
 
-class MappedSource:
-  """Random-access source applying `fn` to each item of `base` on read."""
+def array_source(inputs: Sequence, targets: Sequence[int]) -> grain.MapDataset:
+  """Random-access source of {'inputs': inputs[i], 'targets': targets[i]} examples.
 
-  def __init__(self, base, fn: Callable[[Any], dict]):
-    self.base = base
-    self.fn = fn
+  Args:
+    inputs: one `[num, length]` array or a sequence of 1-D arrays (or texts).
+    targets: `[num]` class labels.
 
-  def __len__(self) -> int:
-    return len(self.base)
-
-  def __getitem__(self, index: int) -> dict:
-    return self.fn(self.base[index])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-    if hasattr(self.base, '__getitems__'):
-      return [self.fn(item) for item in self.base.__getitems__(indices)]
-    return [self.fn(self.base[i]) for i in indices]
-
-  def __repr__(self) -> str:
-    return f'MappedSource({self.base!r}, {getattr(self.fn, "__name__", self.fn)})'
-
-
-class ArraySource:
-  """Random-access source of classification examples held as numpy arrays.
-
-  Inputs are either one `[num, length]` array or a list of 1-D arrays; `targets`
-  is `[num]`.
+  Returns:
+    A grain MapDataset; `.map(fn)` it to transform the examples on read.
   """
-
-  def __init__(self, inputs, targets: np.ndarray):
-    if len(inputs) != len(targets):
-      raise ValueError(f'{len(inputs)} inputs but {len(targets)} targets')
-    self.inputs = inputs
-    self.targets = np.asarray(targets, dtype=np.int32)
-
-  def __len__(self) -> int:
-    return len(self.targets)
-
-  def __getitem__(self, index: int) -> dict:
-    return {'inputs': self.inputs[index], 'targets': self.targets[index]}
-
-  def __repr__(self) -> str:
-    return f'ArraySource({len(self)} examples)'
+  if len(inputs) != len(targets):
+    raise ValueError(f'{len(inputs)} inputs but {len(targets)} targets')
+  targets = np.asarray(targets, dtype=np.int32)
+  return grain.MapDataset.range(len(targets)).map(
+      lambda i: {'inputs': inputs[i], 'targets': targets[i]})
 
 
-class BytesSource:
-  """Random-access source of byte-level classification examples, tokenised on read."""
+# The former source classes, until listops, pathfinder, text and image build their
+# sources with grain and `array_source` directly.
+def MappedSource(base, fn: Callable[[Any], dict]) -> grain.MapDataset:  # pylint: disable=invalid-name
+  """`fn` applied to each item of `base` on read."""
+  return grain.MapDataset.source(base).map(fn)
 
-  def __init__(self, texts: Sequence[bytes], targets: np.ndarray, max_len: int):
-    if len(texts) != len(targets):
-      raise ValueError(f'{len(texts)} texts but {len(targets)} targets')
-    self.texts = texts
-    self.targets = np.asarray(targets, dtype=np.int32)
-    self.max_len = max_len
 
-  def __len__(self) -> int:
-    return len(self.targets)
+ArraySource = array_source  # pylint: disable=invalid-name
 
-  def __getitem__(self, index: int) -> dict:
-    return {'inputs': encode_bytes(self.texts[index], self.max_len),
-            'targets': self.targets[index]}
 
-  def __repr__(self) -> str:
-    return f'BytesSource({len(self)} texts, max_len={self.max_len})'
+def BytesSource(texts: Sequence[bytes], targets: Sequence[int],  # pylint: disable=invalid-name
+                max_len: int) -> grain.MapDataset:
+  """Byte-level classification examples, tokenised on read."""
+  return array_source(texts, targets).map(
+      lambda example: {**example, 'inputs': encode_bytes(example['inputs'], max_len)})
