@@ -11,17 +11,19 @@ batch made without read-ahead.
 """
 
 import argparse
+import importlib.util
 import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_attn.data import generated, get_task, listops, make_batches, pathfinder
+from efficient_attn.data import generated, get_task, listops, make_batches, pathfinder, pipeline
 
 RESULTS = pathlib.Path(__file__).parent / 'results' / 'data_speed.md'
 
@@ -86,13 +88,48 @@ def stand_in_step(vocab: int, width: int = 128):
   return step
 
 
-def pipeline_overhead(task, batch_size: int, steps: int = 12) -> str:
-  """What feeding a jitted stand-in step from the pipeline costs, relative to the step.
+def load_pipeline(path: str):
+  """The pipeline module in the file `path` (e.g. an older pipeline.py), to time beside this one."""
+  spec = importlib.util.spec_from_file_location('reference_pipeline', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
-  Two measures: the median time the step loop waits in `next()` (the pipeline
-  reads ahead in threads), and the cost of making a batch with no read-ahead at
-  all (wall clock in the loop's own thread), the most it could add.
+
+def batch_costs(task, pipelines: dict, batch_size: int = 64, batches: int = 16,
+                repeats: int = 5) -> str:
+  """Per-batch time of each pipeline with no read-ahead, beside decoding alone.
+
+  Decoding is one batched read of `batch_size` random examples of the source (TFDS
+  decoding and the task's own conversion). The pipelines are timed alternately,
+  `batches` batches at a time, and each figure is the fastest of `repeats`.
   """
+  iterators = {name: module.make_batches(task, batch_size, seed=0, shard_index=0, shard_count=1,
+                                          num_threads=0, prefetch=0)
+               for name, module in pipelines.items()}
+  best = dict.fromkeys(['decode', *iterators], float('inf'))
+  rng = np.random.default_rng(0)
+  for iterator in iterators.values():
+    next(iterator)
+  for _ in range(repeats):
+    reads = [rng.integers(len(task.source), size=batch_size).tolist() for _ in range(batches)]
+    start = time.perf_counter()
+    for indices in reads:
+      pipeline.read_many(task.source, indices)
+    best['decode'] = min(best['decode'], (time.perf_counter() - start) / batches)
+    for name, iterator in iterators.items():
+      start = time.perf_counter()
+      for _ in range(batches):
+        next(iterator)
+      best[name] = min(best[name], (time.perf_counter() - start) / batches)
+  decode = best.pop('decode')
+  cells = [f'{1e3 * cost:.2f} ms ({1e3 * (cost - decode):+.2f} ms)' for cost in best.values()]
+  return (f'| {task.name} ({len(task.source)} examples, {task.seq_len} tokens) '
+          f'| {1e3 * decode:.2f} ms | {" | ".join(cells)} |')
+
+
+def pipeline_overhead(task, batch_size: int = 64, steps: int = 5) -> str:
+  """The median time a loop of jitted stand-in steps waits in `next()` (read-ahead threads)."""
   step = stand_in_step(task.vocab_size)
   batches = make_batches(task, batch_size, seed=0, shard_index=0, shard_count=1)
   step(next(batches))
@@ -104,49 +141,66 @@ def pipeline_overhead(task, batch_size: int, steps: int = 12) -> str:
     step(batch)
     waits.append(fetched - start)
     step_times.append(time.perf_counter() - fetched)
-  unprefetched = make_batches(task, batch_size, seed=1, shard_index=0, shard_count=1,
-                              num_threads=0, prefetch=0)
-  next(unprefetched)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(unprefetched)
-  batch_cost = (time.perf_counter() - start) / steps
   step_ms, wait_ms = 1e3 * statistics.median(step_times), 1e3 * statistics.median(waits)
   return (f'| {task.name} ({task.seq_len} tokens, batch {batch_size}) | {step_ms:.0f} ms '
-          f'| {wait_ms:.2f} ms ({100 * wait_ms / step_ms:.2f}%) '
-          f'| {1e3 * batch_cost:.1f} ms ({100e3 * batch_cost / step_ms:.1f}%) |')
+          f'| {wait_ms:.2f} ms ({100 * wait_ms / step_ms:.2f}%) |')
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--data_dir', default='/tmp/efficient_attn_data')
   parser.add_argument('--pathfinder_images', type=int, default=8192)
+  parser.add_argument('--compare_with', default=None,
+                      help='a pipeline.py (e.g. an older one, copied outside the repository) '
+                      'whose make_batches is timed beside this one')
+  parser.add_argument('--skip_generation', action='store_true')
   args = parser.parse_args()
   generated.prepare('listops', 'small', args.data_dir)
   generated.prepare('pathfinder', 'tiny', args.data_dir)
+  pipelines = {'this pipeline': pipeline}
+  if args.compare_with:
+    pipelines = {args.compare_with: load_pipeline(args.compare_with), **pipelines}
+  tasks = [lambda: get_task('listops', args.data_dir, config='small'),
+           lambda: get_task('pathfinder', args.data_dir, config='tiny'),
+           lambda: get_task('stdlib_lm', seq_len=512)]
+  command = ' '.join(['python experiments/data_speed.py', *sys.argv[1:]])
   rows = [
       '# Data speed', '',
       f'Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other work while '
-      'measured. Command: `python experiments/data_speed.py`.', '',
-      'Generation, fastest of 2 (ListOps) or 3 (Pathfinder) runs:', '',
-      '| generation | wall clock | CPU time of this process |', '|---|---|---|',
-      listops_rate,
-      lambda: pathfinder_rate(32, args.pathfinder_images),
-      lambda: pathfinder_rate(128, args.pathfinder_images // 8), '',
+      f'measured (`uptime` before: {uptime()}). Command: `{command}`.', '',
+  ]
+  if not args.skip_generation:
+    rows += [
+        'Generation, fastest of 2 (ListOps) or 3 (Pathfinder) runs:', '',
+        '| generation | wall clock | CPU time of this process |', '|---|---|---|',
+        listops_rate,
+        lambda: pathfinder_rate(32, args.pathfinder_images),
+        lambda: pathfinder_rate(128, args.pathfinder_images // 8), '']
+  rows += [
+      'Cost of one 64-example batch made without read-ahead (in the loop\'s own thread), '
+      'against decoding alone (one batched read of 64 random examples); in brackets what the '
+      'pipeline adds to decoding. Fastest of 5 rounds of 16 batches, the pipelines '
+      'alternating:', '',
+      f'| task | decoding | {" | ".join(pipelines)} |', '|---|---|' + '---|' * len(pipelines),
+      *[lambda task=task: batch_costs(task(), pipelines) for task in tasks], '',
       'Stand-in training step (jitted 2-layer transformer-sized forward+backward, width 128) '
-      'fed by `make_batches`: median step time, median wait for the next batch, and the cost '
-      'of one batch made without read-ahead (the most the pipeline could add):', '',
-      '| task | step | wait in next() | batch without read-ahead |', '|---|---|---|---|',
-      lambda: pipeline_overhead(get_task('listops', args.data_dir, config='small'), 32),
-      lambda: pipeline_overhead(get_task('pathfinder', args.data_dir, config='tiny'), 32),
-      lambda: pipeline_overhead(get_task('stdlib_lm', seq_len=512), 32),
+      'fed by `make_batches` with read-ahead: median step time and median wait for the next '
+      'batch, of 5 steps:', '',
+      '| task | step | wait in next() |', '|---|---|---|',
+      *[lambda task=task: pipeline_overhead(task()) for task in tasks],
   ]
   lines = []
   for row in rows:
     lines.append(row() if callable(row) else row)
     print(lines[-1], flush=True)
+  lines += ['', f'`uptime` after: {uptime()}.']
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
   RESULTS.write_text('\n'.join(lines) + '\n')
+
+
+def uptime() -> str:
+  """The load averages of the machine over the last 1, 5 and 15 minutes."""
+  return 'load average ' + ', '.join(f'{load:.2f}' for load in os.getloadavg())
 
 
 if __name__ == '__main__':

@@ -161,6 +161,32 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
   return np.clip(gray * 255.5, 0, 255).astype(np.uint8)
 
 
+class MappedSource:
+  """Random-access source applying `fn` to each item of `base` on read.
+
+  Unlike grain's `MapDataset.map`, it keeps the batched read `__getitems__` of TFDS
+  data sources (4x faster than one by one for array_record files).
+  """
+
+  def __init__(self, base, fn: Callable[[Any], dict]):
+    self.base = base
+    self.fn = fn
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.fn(self.base[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    if hasattr(self.base, '__getitems__'):
+      return [self.fn(item) for item in self.base.__getitems__(indices)]
+    return [self.fn(self.base[i]) for i in indices]
+
+  def __repr__(self) -> str:
+    return f'MappedSource({self.base!r}, {getattr(self.fn, "__name__", self.fn)})'
+
+
 def array_source(inputs: Sequence, targets: Sequence[int]) -> grain.MapDataset:
   """Random-access source of {'inputs': inputs[i], 'targets': targets[i]} examples.
 
@@ -178,13 +204,7 @@ def array_source(inputs: Sequence, targets: Sequence[int]) -> grain.MapDataset:
       lambda i: {'inputs': inputs[i], 'targets': targets[i]})
 
 
-# The former source classes, until listops, pathfinder, text and image build their
-# sources with grain and `array_source` directly.
-def MappedSource(base, fn: Callable[[Any], dict]) -> grain.MapDataset:  # pylint: disable=invalid-name
-  """`fn` applied to each item of `base` on read."""
-  return grain.MapDataset.source(base).map(fn)
-
-
+# The former source classes, until text and image call `array_source` directly.
 ArraySource = array_source  # pylint: disable=invalid-name
 
 

@@ -9,19 +9,22 @@
 Pair tasks (Retrieval) have 'inputs1', 'mask1', 'inputs2', 'mask2' instead of
 'inputs' and 'mask'.
 
-The pipeline is grain's: `MapDataset.source` -> this host's shard (examples
-`shard_index::shard_count`, by default jax.process_index() of jax.process_count(),
-so shards are disjoint and cover all) -> `shuffle` -> `repeat` -> `map` (fixed
-length, masks) -> `batch`. Each host shuffles with its own seed, drawn from
-(seed, shard_index), and grain reshuffles every epoch. Batches run across epoch
-boundaries.
+The order is grain's, on example indices: this host's shard (`MapDataset.range`
+of the indices `shard_index::shard_count`, by default jax.process_index() of
+jax.process_count(), so shards are disjoint and cover all) -> `shuffle` -> `repeat`
+-> `batch` -> `map` (read the batch's examples, fit them to seq_len with masks).
+Batching indices before reading keeps one batched read per batch
+(`source.__getitems__`, as TFDS data sources have): grain 0.2.18 reads items one by
+one through `map` and `batch`, about 4x slower for array_record files. Each host
+shuffles with its own seed, drawn from (seed, shard_index), and grain reshuffles
+every epoch. Batches run across epoch boundaries.
 
 Every host yields the same number of batches, so collectives never wait on a
 host that ran out:
 - with `drop_remainder` (training), every shard is cut to the smallest shard's
   length, so the last `len(source) % shard_count` stored examples are never read,
-  and the last `num_epochs * (len(source) // shard_count) % batch_size` examples
-  of the stream (from the last epoch) are dropped;
+  and the stream's last `num_epochs * (len(source) // shard_count) % batch_size`
+  examples (fewer than a batch) are dropped;
 - without it (evaluation), the stream ends with weight-0 padding examples up to
   the whole number of batches of the largest shard: each example of the split
   comes exactly once per epoch on exactly one host.
@@ -40,37 +43,46 @@ import numpy as np
 from efficient_attn.data import common
 
 _MASK_OF = {'inputs': 'mask', 'inputs1': 'mask1', 'inputs2': 'mask2'}
+_PADDING = -1  # the index of a padding example
 
 
-def _fit(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids cut or padded to `seq_len`, and the mask of real tokens."""
-  tokens = np.asarray(tokens)[:seq_len]
-  fitted = np.zeros(seq_len, dtype=np.int32)
-  fitted[:len(tokens)] = tokens
-  mask = np.zeros(seq_len, dtype=bool)
-  mask[:len(tokens)] = True
-  return fitted, mask
+def _fit(sequences: list, rows: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token id sequences cut or padded to `seq_len` in `rows` rows (the rest padding), and the
+  mask of real tokens."""
+  fitted = np.zeros((rows, seq_len), dtype=np.int32)
+  lengths = np.zeros(rows, dtype=np.int64)
+  for row, tokens in enumerate(sequences):
+    tokens = tokens[:seq_len]
+    fitted[row, :len(tokens)] = tokens
+    lengths[row] = len(tokens)
+  return fitted, np.arange(seq_len) < lengths[:, None]
 
 
-def fixed_length_example(example: dict, seq_len: int, causal_lm: bool) -> dict:
-  """A source example as fixed-length arrays with masks and weight 1."""
-  fixed = {'weights': np.float32(1.0)}
-  for key, mask_key in _MASK_OF.items():
-    if key in example:
-      fixed[key], fixed[mask_key] = _fit(example[key], seq_len)
-  if causal_lm:
-    fixed['targets'] = _fit(example['targets'], seq_len)[0]
+def read_many(source, indices: list[int]) -> list:
+  """Items `indices` of `source`, in one batched read where the source supports it."""
+  if hasattr(source, '__getitems__'):
+    return list(source.__getitems__(indices))
+  return [source[i] for i in indices]
+
+
+def read_batch(task: common.Task, indices: np.ndarray) -> dict:
+  """The fixed-length batch of examples `indices` of `task.source`.
+
+  Index _PADDING, only after the real ones, stands for a padding example: padding
+  tokens, target 0, weight 0, in `task`'s shapes (so a batch may be all padding).
+  """
+  real = [int(i) for i in indices if i != _PADDING]
+  examples = read_many(task.source, real)
+  rows = len(indices)
+  batch = {'weights': (np.arange(rows) < len(real)).astype(np.float32)}
+  for key in ('inputs1', 'inputs2') if task.pair else ('inputs',):
+    batch[key], batch[_MASK_OF[key]] = _fit([e[key] for e in examples], rows, task.seq_len)
+  if task.causal_lm:
+    batch['targets'] = _fit([e['targets'] for e in examples], rows, task.seq_len)[0]
   else:
-    fixed['targets'] = np.int32(example['targets'])
-  return fixed
-
-
-def padding_example(task: common.Task) -> dict:
-  """An all-padding example of `task`'s fixed-length shapes, with weight 0."""
-  empty = {key: () for key in (('inputs1', 'inputs2') if task.pair else ('inputs',))}
-  empty['targets'] = () if task.causal_lm else 0
-  return {**fixed_length_example(empty, task.seq_len, task.causal_lm),
-          'weights': np.float32(0.0)}
+    batch['targets'] = np.zeros(rows, dtype=np.int32)
+    batch['targets'][:len(real)] = [e['targets'] for e in examples]
+  return batch
 
 
 class CheckedIterator(grain.DatasetIterator):
@@ -150,27 +162,25 @@ def make_batches(task: common.Task, batch_size: int, *, seed: int = 0,
   drop_remainder = training if drop_remainder is None else drop_remainder
   shard_index, shard_count = _default_shard(shard_index, shard_count)
   num_examples = len(task.source)
-  dataset = grain.MapDataset.source(task.source)[shard_index::shard_count]
-  if drop_remainder:
-    dataset = dataset[:num_examples // shard_count]
-  if len(dataset) == 0:  # pylint: disable=g-explicit-length-test
+  # With drop_remainder, every shard has the smallest shard's length.
+  stop = shard_count * (num_examples // shard_count) if drop_remainder else num_examples
+  indices = grain.MapDataset.range(shard_index, stop, shard_count)
+  if len(indices) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f'shard {shard_index} of {shard_count} of {task.name}/{task.split} '
                      f'({num_examples} examples) is empty')
   if shuffle:
-    dataset = dataset.shuffle(seed=_host_seed(seed, shard_index))
-  dataset = dataset.repeat(num_epochs)
-  dataset = dataset.map(functools.partial(fixed_length_example, seq_len=task.seq_len,
-                                          causal_lm=task.causal_lm))
+    indices = indices.shuffle(seed=_host_seed(seed, shard_index))
+  indices = indices.repeat(num_epochs)
   if not drop_remainder and num_epochs is not None:
     largest_shard = math.ceil(num_examples / shard_count)
     length = math.ceil(num_epochs * largest_shard / batch_size) * batch_size
-    padding = padding_example(task)
-    dataset = grain.MapDataset.concatenate(
-        [dataset, grain.MapDataset.range(length - len(dataset)).map(lambda _: padding)])
-  dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    indices = grain.MapDataset.concatenate(
+        [indices, grain.MapDataset.range(length - len(indices)).map(lambda _: _PADDING)])
+  batches = indices.batch(batch_size, drop_remainder=drop_remainder).map(
+      functools.partial(read_batch, task))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   fingerprint = {'task': task.name, 'split': task.split, 'num_examples': num_examples,
                  'seq_len': task.seq_len, 'seed': int(seed), 'batch_size': batch_size,
                  'shard_index': shard_index, 'shard_count': shard_count,
                  'shuffle': bool(shuffle), 'drop_remainder': bool(drop_remainder)}
-  return CheckedIterator(iter(dataset.to_iter_dataset(read_options)), fingerprint)
+  return CheckedIterator(iter(batches.to_iter_dataset(read_options)), fingerprint)
