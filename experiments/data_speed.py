@@ -1,13 +1,15 @@
 """Data speed: ListOps and Pathfinder generation rates; what the input pipeline adds to a step.
 
-  python experiments/data_speed.py --data_dir /tmp/efficient_attn_data
+  git show COMMIT:efficient_attn/data/pipeline.py > /tmp/old_pipeline.py  # an older version
+  python experiments/data_speed.py --compare_with /tmp/old_pipeline.py
 
 Writes experiments/results/data_speed.md. Rates are given per wall-clock second
 and per CPU second of this process (the second does not depend on other load on
-the machine). The pipeline overhead compares the time of a jitted stand-in
-training step (a 2-layer transformer-sized forward and backward pass) with the
-time the step loop waits for batches from `make_batches`, and with the cost of a
-batch made without read-ahead.
+the machine). The pipeline overhead is the cost of a 64-example batch made with
+no read-ahead minus the cost of decoding its examples, for this pipeline and,
+with --compare_with, a reference one timed alternately in the same process; and
+the time a loop of jitted stand-in training steps (a 2-layer transformer-sized
+forward and backward pass) waits for batches from `make_batches` with read-ahead.
 """
 
 import argparse
@@ -128,7 +130,7 @@ def batch_costs(task, pipelines: dict, batch_size: int = 64, batches: int = 16,
           f'| {1e3 * decode:.2f} ms | {" | ".join(cells)} |')
 
 
-def pipeline_overhead(task, batch_size: int = 64, steps: int = 5) -> str:
+def pipeline_overhead(task, batch_size: int = 32, steps: int = 5) -> str:
   """The median time a loop of jitted stand-in steps waits in `next()` (read-ahead threads)."""
   step = stand_in_step(task.vocab_size)
   batches = make_batches(task, batch_size, seed=0, shard_index=0, shard_count=1)

@@ -195,3 +195,5 @@ def test_bad_arguments_are_rejected():
     make_batches(toy_task(num=3), 4, shard_index=0, shard_count=4)
   with pytest.raises(ValueError, match='batch_size'):
     single_host(toy_task(), 0)
+  with pytest.raises(ValueError, match='not a state of make_batches'):
+    single_host(toy_task(), 4).set_state({'next_index': 3})

@@ -47,8 +47,7 @@ _PADDING = -1  # the index of a padding example
 
 
 def _fit(sequences: list, rows: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Token id sequences cut or padded to `seq_len` in `rows` rows (the rest padding), and the
-  mask of real tokens."""
+  """Sequences cut or padded to `seq_len` as `rows` rows (extra rows: padding), and masks."""
   fitted = np.zeros((rows, seq_len), dtype=np.int32)
   lengths = np.zeros(rows, dtype=np.int64)
   for row, tokens in enumerate(sequences):
