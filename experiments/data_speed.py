@@ -103,13 +103,14 @@ def batch_costs(task, pipelines: dict, batch_size: int = 64, batches: int = 16,
   """Per-batch time of each pipeline with no read-ahead, beside decoding alone.
 
   Decoding is one batched read of `batch_size` random examples of the source (TFDS
-  decoding and the task's own conversion). The pipelines are timed alternately,
-  `batches` batches at a time, and each figure is the fastest of `repeats`.
+  decoding and the task's own conversion), also timed one example at a time. The
+  pipelines are timed alternately, `batches` batches at a time, and each figure is
+  the fastest of `repeats`.
   """
   iterators = {name: module.make_batches(task, batch_size, seed=0, shard_index=0, shard_count=1,
                                           num_threads=0, prefetch=0)
                for name, module in pipelines.items()}
-  best = dict.fromkeys(['decode', *iterators], float('inf'))
+  best = dict.fromkeys(['decode', 'one by one', *iterators], float('inf'))
   rng = np.random.default_rng(0)
   for iterator in iterators.values():
     next(iterator)
@@ -119,15 +120,19 @@ def batch_costs(task, pipelines: dict, batch_size: int = 64, batches: int = 16,
     for indices in reads:
       pipeline.read_many(task.source, indices)
     best['decode'] = min(best['decode'], (time.perf_counter() - start) / batches)
+    start = time.perf_counter()
+    for indices in reads:
+      [task.source[i] for i in indices]  # pylint: disable=expression-not-assigned
+    best['one by one'] = min(best['one by one'], (time.perf_counter() - start) / batches)
     for name, iterator in iterators.items():
       start = time.perf_counter()
       for _ in range(batches):
         next(iterator)
       best[name] = min(best[name], (time.perf_counter() - start) / batches)
-  decode = best.pop('decode')
+  decode, one_by_one = best.pop('decode'), best.pop('one by one')
   cells = [f'{1e3 * cost:.2f} ms ({1e3 * (cost - decode):+.2f} ms)' for cost in best.values()]
   return (f'| {task.name} ({len(task.source)} examples, {task.seq_len} tokens) '
-          f'| {1e3 * decode:.2f} ms | {" | ".join(cells)} |')
+          f'| {1e3 * decode:.2f} ms | {1e3 * one_by_one:.2f} ms | {" | ".join(cells)} |')
 
 
 def pipeline_overhead(task, batch_size: int = 32, steps: int = 5) -> str:
@@ -180,10 +185,11 @@ def main():
         lambda: pathfinder_rate(128, args.pathfinder_images // 8), '']
   rows += [
       'Cost of one 64-example batch made without read-ahead (in the loop\'s own thread), '
-      'against decoding alone (one batched read of 64 random examples); in brackets what the '
-      'pipeline adds to decoding. Fastest of 5 rounds of 16 batches, the pipelines '
-      'alternating:', '',
-      f'| task | decoding | {" | ".join(pipelines)} |', '|---|---|' + '---|' * len(pipelines),
+      'against decoding alone (one batched read of 64 random examples, and the same read one '
+      'example at a time); in brackets what the pipeline adds to the batched read. Fastest '
+      'of 5 rounds of 16 batches, the pipelines alternating:', '',
+      f'| task | decoding | one by one | {" | ".join(pipelines)} |',
+      '|---|---|---|' + '---|' * len(pipelines),
       *[lambda task=task: batch_costs(task(), pipelines) for task in tasks], '',
       'Stand-in training step (jitted 2-layer transformer-sized forward+backward, width 128) '
       'fed by `make_batches` with read-ahead: median step time and median wait for the next '
