@@ -15,7 +15,7 @@ jax.process_count(), so shards are disjoint and cover all) -> `shuffle` -> `repe
 -> `batch` -> `map` (read the batch's examples, fit them to seq_len with masks).
 Batching indices before reading keeps one batched read per batch
 (`source.__getitems__`, as TFDS data sources have): grain 0.2.18 reads items one by
-one through `map` and `batch`, about 4x slower for array_record files. Each host
+one through `map` and `batch`, 4-6x slower for array_record files. Each host
 shuffles with its own seed, drawn from (seed, shard_index), and grain reshuffles
 every epoch. Batches run across epoch boundaries.
 
