@@ -6,6 +6,7 @@ of the LRA byte encoder, which reserves 0 for padding).
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Any, Callable, Sequence
@@ -201,7 +202,12 @@ def array_source(inputs: Sequence, targets: Sequence[int]) -> grain.MapDataset:
     raise ValueError(f'{len(inputs)} inputs but {len(targets)} targets')
   targets = np.asarray(targets, dtype=np.int32)
   return grain.MapDataset.range(len(targets)).map(
-      lambda i: {'inputs': inputs[i], 'targets': targets[i]})
+      functools.partial(_array_example, inputs, targets))
+
+
+def _array_example(inputs: Sequence, targets: np.ndarray, index: int) -> dict:
+  """Example `index` of `array_source` (a module function, so that sources pickle)."""
+  return {'inputs': inputs[index], 'targets': targets[index]}
 
 
 # The former source classes, until text and image call `array_source` directly.
@@ -211,5 +217,9 @@ ArraySource = array_source  # pylint: disable=invalid-name
 def BytesSource(texts: Sequence[bytes], targets: Sequence[int],  # pylint: disable=invalid-name
                 max_len: int) -> grain.MapDataset:
   """Byte-level classification examples, tokenised on read."""
-  return array_source(texts, targets).map(
-      lambda example: {**example, 'inputs': encode_bytes(example['inputs'], max_len)})
+  return array_source(texts, targets).map(functools.partial(_encode_inputs, max_len=max_len))
+
+
+def _encode_inputs(example: dict, max_len: int) -> dict:
+  """`example` with its text 'inputs' as byte ids."""
+  return {**example, 'inputs': encode_bytes(example['inputs'], max_len)}

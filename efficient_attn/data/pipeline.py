@@ -173,8 +173,8 @@ def make_batches(task: common.Task, batch_size: int, *, seed: int = 0,
   if not drop_remainder and num_epochs is not None:
     largest_shard = math.ceil(num_examples / shard_count)
     length = math.ceil(num_epochs * largest_shard / batch_size) * batch_size
-    indices = grain.MapDataset.concatenate(
-        [indices, grain.MapDataset.range(length - len(indices)).map(lambda _: _PADDING)])
+    padding = grain.MapDataset.source([_PADDING] * (length - len(indices)))
+    indices = grain.MapDataset.concatenate([indices, padding])
   batches = indices.batch(batch_size, drop_remainder=drop_remainder).map(
       functools.partial(read_batch, task))
   read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
