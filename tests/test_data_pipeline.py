@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import functools
 
 import grain
 import numpy as np
@@ -146,6 +147,18 @@ def test_saved_state_resumes_with_the_same_batches(consumed):
     got = next(resumed)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_saved_state_resumes_an_evaluation_into_its_padding():
+  evaluation = functools.partial(make_batches, toy_task('valid', 9), 4, shard_index=1,
+                                 shard_count=2)
+  iterator = evaluation()
+  next(iterator)
+  state = iterator.get_state()
+  expected = [b['weights'].tolist() for b in iterator]
+  resumed = evaluation()
+  resumed.set_state(state)
+  assert [b['weights'].tolist() for b in resumed] == expected == [[0, 0, 0, 0]]
 
 
 @pytest.mark.parametrize('field, changes', [
