@@ -6,10 +6,12 @@ of the LRA byte encoder, which reserves 0 for padding).
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 from typing import Any, Callable, Sequence
 
+import grain
 import numpy as np
 
 PAD_ID = 0
@@ -160,7 +162,11 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
 
 
 class MappedSource:
-  """Random-access source applying `fn` to each item of `base` on read."""
+  """Random-access source applying `fn` to each item of `base` on read.
+
+  Unlike grain's `MapDataset.map`, it keeps the batched read `__getitems__` of TFDS
+  data sources (4-6x faster than one by one for array_record files).
+  """
 
   def __init__(self, base, fn: Callable[[Any], dict]):
     self.base = base
@@ -181,45 +187,38 @@ class MappedSource:
     return f'MappedSource({self.base!r}, {getattr(self.fn, "__name__", self.fn)})'
 
 
-class ArraySource:
-  """Random-access source of classification examples held as numpy arrays.
+def array_source(inputs: Sequence, targets: Sequence[int]) -> grain.MapDataset:
+  """Random-access source of {'inputs': inputs[i], 'targets': targets[i]} examples.
 
-  Inputs are either one `[num, length]` array or a list of 1-D arrays; `targets`
-  is `[num]`.
+  Args:
+    inputs: one `[num, length]` array or a sequence of 1-D arrays (or texts).
+    targets: `[num]` class labels.
+
+  Returns:
+    A grain MapDataset; `.map(fn)` it to transform the examples on read.
   """
-
-  def __init__(self, inputs, targets: np.ndarray):
-    if len(inputs) != len(targets):
-      raise ValueError(f'{len(inputs)} inputs but {len(targets)} targets')
-    self.inputs = inputs
-    self.targets = np.asarray(targets, dtype=np.int32)
-
-  def __len__(self) -> int:
-    return len(self.targets)
-
-  def __getitem__(self, index: int) -> dict:
-    return {'inputs': self.inputs[index], 'targets': self.targets[index]}
-
-  def __repr__(self) -> str:
-    return f'ArraySource({len(self)} examples)'
+  if len(inputs) != len(targets):
+    raise ValueError(f'{len(inputs)} inputs but {len(targets)} targets')
+  targets = np.asarray(targets, dtype=np.int32)
+  return grain.MapDataset.range(len(targets)).map(
+      functools.partial(_array_example, inputs, targets))
 
 
-class BytesSource:
-  """Random-access source of byte-level classification examples, tokenised on read."""
+def _array_example(inputs: Sequence, targets: np.ndarray, index: int) -> dict:
+  """Example `index` of `array_source` (a module function, so that sources pickle)."""
+  return {'inputs': inputs[index], 'targets': targets[index]}
 
-  def __init__(self, texts: Sequence[bytes], targets: np.ndarray, max_len: int):
-    if len(texts) != len(targets):
-      raise ValueError(f'{len(texts)} texts but {len(targets)} targets')
-    self.texts = texts
-    self.targets = np.asarray(targets, dtype=np.int32)
-    self.max_len = max_len
 
-  def __len__(self) -> int:
-    return len(self.targets)
+# The former source classes, until text and image call `array_source` directly.
+ArraySource = array_source  # pylint: disable=invalid-name
 
-  def __getitem__(self, index: int) -> dict:
-    return {'inputs': encode_bytes(self.texts[index], self.max_len),
-            'targets': self.targets[index]}
 
-  def __repr__(self) -> str:
-    return f'BytesSource({len(self)} texts, max_len={self.max_len})'
+def BytesSource(texts: Sequence[bytes], targets: Sequence[int],  # pylint: disable=invalid-name
+                max_len: int) -> grain.MapDataset:
+  """Byte-level classification examples, tokenised on read."""
+  return array_source(texts, targets).map(functools.partial(_encode_inputs, max_len=max_len))
+
+
+def _encode_inputs(example: dict, max_len: int) -> dict:
+  """`example` with its text 'inputs' as byte ids."""
+  return {**example, 'inputs': encode_bytes(example['inputs'], max_len)}
