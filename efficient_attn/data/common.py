@@ -209,16 +209,6 @@ def _array_example(inputs: Sequence, targets: np.ndarray, index: int) -> dict:
   return {'inputs': inputs[index], 'targets': targets[index]}
 
 
-# The former source classes, until text and image call `array_source` directly.
-ArraySource = array_source  # pylint: disable=invalid-name
-
-
-def BytesSource(texts: Sequence[bytes], targets: Sequence[int],  # pylint: disable=invalid-name
-                max_len: int) -> grain.MapDataset:
-  """Byte-level classification examples, tokenised on read."""
-  return array_source(texts, targets).map(functools.partial(_encode_inputs, max_len=max_len))
-
-
-def _encode_inputs(example: dict, max_len: int) -> dict:
+def encode_inputs(example: dict, max_len: int) -> dict:
   """`example` with its text 'inputs' as byte ids."""
   return {**example, 'inputs': encode_bytes(example['inputs'], max_len)}

@@ -115,5 +115,5 @@ def load(split: str, data_dir=None, seq_len: int | None = None,
     images, labels = images[part], labels[part]
   # uint16 halves the memory of int32; batches are int32.
   tokens = common.rgb_to_gray(images).reshape(len(images), SEQ_LEN).astype(np.uint16) + 1
-  return common.Task(name='image', split=split, source=common.ArraySource(tokens, labels),
+  return common.Task(name='image', split=split, source=common.array_source(tokens, labels),
                      vocab_size=common.BYTE_VOCAB_SIZE, num_classes=NUM_CLASSES, seq_len=SEQ_LEN)

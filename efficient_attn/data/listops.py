@@ -34,7 +34,6 @@ import functools
 import hashlib
 from typing import Callable
 
-import grain
 import numpy as np
 
 from efficient_attn.data import common
@@ -343,12 +342,11 @@ def load(split: str, data_dir=None, seq_len: int | None = None, config: str = 'l
                        "LRA's files are config 'lra'")
     lines = tsv.TsvLines(find_lra_file(data_dir, split), 2, label_field=1,
                          parse_label=tsv.parse_class(NUM_CLASSES), header=b'Source')
-    examples = grain.MapDataset.source(lines).map(
-        functools.partial(_from_line, close_token=close_token))
+    examples = common.MappedSource(lines, functools.partial(_from_line, close_token=close_token))
   else:
     records = generated.load_split('listops', config, split, data_dir, prepare_if_missing)
-    examples = grain.MapDataset.source(records).map(
-        functools.partial(_from_record, close_token=close_token))
+    examples = common.MappedSource(records,
+                                   functools.partial(_from_record, close_token=close_token))
   return common.Task(
       name='listops', split=split, source=examples,
       vocab_size=VOCAB_SIZE if close_token else CLOSE_ID, num_classes=NUM_CLASSES,

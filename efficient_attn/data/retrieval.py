@@ -16,8 +16,6 @@ line is `label<TAB>id1<TAB>id2<TAB>text1<TAB>text2`, no header, no quoting.
 import functools
 import pathlib
 
-import grain
-
 from efficient_attn.data import common
 from efficient_attn.data import tsv
 
@@ -62,7 +60,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None) -> common.Task:
   seq_len = seq_len or DEFAULT_SEQ_LEN
   lines = tsv.TsvLines(find_tsv(data_dir, split), _FIELDS, label_field=0,
                        parse_label=tsv.parse_class(NUM_CLASSES))
-  source = grain.MapDataset.source(lines).map(functools.partial(_to_example, max_len=seq_len))
+  source = common.MappedSource(lines, functools.partial(_to_example, max_len=seq_len))
   return common.Task(name='retrieval', split=split, source=source,
                      vocab_size=common.BYTE_VOCAB_SIZE, num_classes=NUM_CLASSES,
                      seq_len=seq_len, pair=True)

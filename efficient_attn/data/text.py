@@ -17,6 +17,7 @@ Data (no download happens here), either of:
     extracted so that `<data_dir>/aclImdb/{train,test}/{pos,neg}/*.txt` exist.
 """
 
+import functools
 import pathlib
 import re
 
@@ -108,5 +109,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None,
   common.check_choice('split', split, SPLITS)
   seq_len = seq_len or DEFAULT_SEQ_LEN
   texts, labels = read_imdb(data_dir, _STORED_SPLIT[split], source)
-  return common.Task(name='text', split=split, source=common.BytesSource(texts, labels, seq_len),
+  source = common.array_source(texts, labels).map(
+      functools.partial(common.encode_inputs, max_len=seq_len))
+  return common.Task(name='text', split=split, source=source,
                      vocab_size=common.BYTE_VOCAB_SIZE, num_classes=NUM_CLASSES, seq_len=seq_len)
