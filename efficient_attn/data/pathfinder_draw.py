@@ -116,8 +116,13 @@ def _disk(radius: float) -> np.ndarray:
 
 
 def _dilate(offsets: np.ndarray, by: np.ndarray) -> np.ndarray:
-  """Distinct sums of an offset from `offsets` and one from `by`."""
-  return np.unique((offsets[:, None, :] + by[None, :, :]).reshape(-1, 2), axis=0)
+  """Distinct sums of an offset from `offsets` and one from `by`, sorted."""
+  sums = (offsets[:, None, :] + by[None, :, :]).reshape(-1, 2)
+  # One number per offset: np.unique on rows (axis=0) is much slower.
+  span = int(np.abs(sums).max())
+  base = 2 * span + 1
+  codes = np.unique((sums[:, 0] + span) * base + sums[:, 1] + span)
+  return np.stack([codes // base - span, codes % base - span], -1)
 
 
 def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
@@ -126,17 +131,21 @@ def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
   return np.stack([np.concatenate([r, np.full(width - len(r), r[0])]) for r in rows])
 
 
-def _coverage(start: np.ndarray, direction: np.ndarray, length: float, radius: float,
-              reach: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pixels within `reach` of pixel (0, 0) that a stroke covers, and the fraction covered.
+def _coverage(start: np.ndarray, direction: np.ndarray, length: float,
+              radius: float) -> tuple[np.ndarray, np.ndarray]:
+  """The pixels a stroke covers, and the fraction of each it covers.
 
-  The stroke holds the points within `radius` of the segment from `start` (in pixel
-  units, pixel (0, 0) spanning [0, 1)^2) along `direction` for `length`.
+  The stroke holds the points within `radius` of the segment from `start` along
+  `direction` for `length`, in pixel units (pixel (i, j) spans [i, i + 1) x [j, j + 1)).
 
   Returns:
     (offsets `[count, 2]`, coverage in (0, 1] `[count]`).
   """
-  pixels = _block(-reach, reach)
+  end = start + length * direction
+  low = np.floor(np.minimum(start, end) - radius).astype(np.int64)
+  high = np.floor(np.maximum(start, end) + radius).astype(np.int64)
+  rows, columns = np.arange(low[0], high[0] + 1), np.arange(low[1], high[1] + 1)
+  pixels = np.stack(np.meshgrid(rows, columns, indexing='ij'), -1).reshape(-1, 2)
   sub = (np.arange(COVERAGE_SAMPLES) + 0.5) / COVERAGE_SAMPLES
   sub = np.stack(np.meshgrid(sub, sub, indexing='ij'), -1).reshape(-1, 2)
   points = (pixels[:, None, :] + sub[None]) - start
@@ -151,8 +160,8 @@ def _dot(setting: PathfinderSetting) -> tuple[np.ndarray, np.ndarray]:
   if setting.ink == 'binary':
     disk = _disk(setting.marker_radius)
     return disk, np.full(len(disk), INK, dtype=np.uint8)
-  offsets, covered = _coverage(np.array([0.5, 0.5]), np.array([0.0, 1.0]), 0.0,
-                               setting.marker_radius, int(setting.marker_radius) + 1)
+  offsets, covered = _coverage(np.full(2, 0.5), np.array([0.0, 1.0]), 0.0,
+                               setting.marker_radius)
   return offsets, np.rint(covered * INK).astype(np.uint8)
 
 
@@ -194,17 +203,15 @@ class _Patterns:
       low, high = -((setting.thickness - 1) // 2), setting.thickness // 2
       line = _block(low, high)
       solid_t = np.arange(0.0, step + 0.25, 0.5)
+      centres = np.floor(start + solid_t[:, None] * direction).astype(np.int64)
       dash_t = np.arange(0.0, setting.paddle_length - 1 + 0.25, 0.5)
-      centres = np.rint(start + solid_t[:, None] * direction).astype(np.int64)
-      dash_centres = np.rint(start + dash_t[:, None] * direction).astype(np.int64)
+      dash_centres = np.floor(start + dash_t[:, None] * direction).astype(np.int64)
       dash = _dilate(dash_centres, line)
       return _dilate(centres, line), dash, np.full(len(dash), INK, dtype=np.uint8)
-    reach = int(np.ceil(step + setting.line_width)) + 1
-    # The solid is at least a pixel wide, so that it stays 8-connected.
-    solid, _ = _coverage(start, direction, step, max(setting.line_width, 1.0) / 2, reach)
-    dash, covered = _coverage(start, direction, setting.paddle_length,
-                              setting.line_width / 2, reach)
+    dash, covered = _coverage(start, direction, setting.paddle_length, setting.line_width / 2)
     ink = np.rint(np.minimum(covered * setting.contrast, 1.0) * INK).astype(np.uint8)
+    # At least a pixel wide, the solid stays 8-connected; it holds every inked pixel.
+    solid, _ = _coverage(start, direction, step, max(setting.line_width, 1.0) / 2)
     return solid, dash, ink
 
 
@@ -406,7 +413,7 @@ class _Canvas:
     Keeping the two ends of a path apart matters: touching dots would give
     positives away, as negatives cannot have them.
     """
-    zone = self._anchor(rows, np.rint(centre))[:, None] + self.zone_offsets
+    zone = self._anchor(rows, centre)[:, None] + self.zone_offsets
     owners = self.owner[zone]
     own_segment = (_path_of(owners) == path) & (_slot_of(owners) != MARKER_SLOT)
     return ((owners == 0) | own_segment).all(axis=1)
@@ -414,7 +421,7 @@ class _Canvas:
   def reserve_marker(self, rows, centre: np.ndarray, path: int) -> np.ndarray:
     """Keeps other paths away from a possible marker of `path`; False where one is there already."""
     clear = self.marker_fits(rows, centre, path)
-    zone = self._anchor(rows, np.rint(centre))[:, None] + self.zone_offsets
+    zone = self._anchor(rows, centre)[:, None] + self.zone_offsets
     owners = self.owner[zone]
     self.owner[zone] = np.where(owners == 0, _code(path, MARKER_SLOT), owners)
     return clear
@@ -503,7 +510,7 @@ def _stamp(images: np.ndarray, centres: np.ndarray, offsets: np.ndarray, values)
 
   Pixels outside an image are left out: a dot near the border is cut by it.
   """
-  pixels = np.rint(centres).astype(np.int64)[:, None, :] + offsets[None]
+  pixels = np.floor(centres).astype(np.int64)[:, None, :] + offsets[None]
   size = np.array(images.shape[1:])
   inside = ((pixels >= 0) & (pixels < size)).all(-1)
   pixels = np.clip(pixels, 0, size - 1)
@@ -539,7 +546,7 @@ def _mark_chunk(drawn: dict, setting: PathfinderSetting, words: tuple[int, ...],
     chunk['solid'] = drawn['solid']
     for end in range(2):
       _stamp(chunk['solid'], markers[:, end], dot, True)
-    chunk['markers'] = np.rint(markers).astype(np.int64)
+    chunk['markers'] = np.floor(markers).astype(np.int64)
   return chunk
 
 
