@@ -164,15 +164,19 @@ def test_lra_release_reader_splits_in_lra_order(tmp_path):
 
 
 def test_lra_release_leaves_out_bad_images_after_slicing(tmp_path):
-  folder, _, labels = write_lra_folder(tmp_path)
+  folder, images, _ = write_lra_folder(tmp_path)
   order = lra_order(20)
-  (folder / 'imgs' / '0' / f'sample_{order[2]}.png').write_bytes(b'')  # in train
+  for index in order[2:5]:  # in train
+    (folder / 'imgs' / '0' / f'sample_{index}.png').write_bytes(b'')
   with pytest.raises(CorruptDataError, match=f'sample_{order[2]}.png'):
     get_task('pathfinder', tmp_path, source='lra_release')
-  train = get_task('pathfinder', tmp_path, source='lra_release', skip_bad_images=True)
-  test = get_task('pathfinder', tmp_path, split='test', source='lra_release')
-  assert len(train.source) == 15
-  assert [e['targets'] for e in test.source] == [labels[i] for i in order[18:]]
+  train, valid = (get_task('pathfinder', tmp_path, split=split, source='lra_release',
+                           skip_bad_images=True).source for split in ('train', 'valid'))
+  assert len(train) == 13
+  # Slicing before filtering keeps valid at [80%:90%] of all 20 listed images.
+  assert len(valid) == 2
+  for example, index in zip(valid, order[16:18]):
+    assert np.array_equal(example['inputs'], images[index].reshape(-1).astype(np.int32) + 1)
 
 
 def test_lra_release_missing_names_files_and_archive(tmp_path):
