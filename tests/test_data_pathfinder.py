@@ -127,6 +127,11 @@ def test_prepared_split_matches_generator(prepared_dir):
 def test_unprepared_resolution_names_the_command(tmp_path):
   with pytest.raises(MissingDataError, match='prepare pathfinder --config res64_easy'):
     get_task('pathfinder', tmp_path, resolution=64, difficulty='easy')
+  with pytest.raises(MissingDataError, match='prepare pathfinder --config res64_easy_binary'):
+    get_task('pathfinder', tmp_path, resolution=64, difficulty='easy', ink='binary')
+  assert pathfinder.SETTINGS['res64_easy_binary'] == pathfinder.make_setting(64, 'easy', ink='binary')
+  with pytest.raises(ValueError, match="ink='binary'"):
+    get_task('pathfinder', tmp_path, ink='binary', source='lra_release')
 
 
 def write_lra_folder(root, count=20, resolution=32):

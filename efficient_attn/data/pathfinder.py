@@ -15,10 +15,11 @@ length, as many as LRA's integer division of a segment budget gives (5 at 32 and
 `ink='binary'` draws whole pixels instead. Labels are balanced and a seed fixes
 every image. Configs `res<R>_<difficulty>` hold 160K/20K/20K train/valid/test
 images (LRA's 80/10/10 proportions); 'tiny' is for tests. This project's own
-values: dash length and gap above 32 px (LRA's docstring gives none), dot radii
-3.5 and 5.5 px at 128 and 256 px (LRA 3 and 5), margin 2 at 128 px (LRA 2 or 3),
-a few single dashes per image, and a first target path that may start anywhere
-(LRA: at least twice `seed_distance` from the border).
+values: dash length and gap above 32 px and the distance between the target
+starts at 256 px (LRA's docstring gives none), dot radii 3.5 and 5.5 px at 128
+and 256 px (LRA 3 and 5), margin 2 at 128 px (LRA 2 or 3), and a few single
+dashes per image (LRA's snakes2_wrapper.py draws none). Binary-ink configs are
+named `res<R>_<difficulty>_binary` (`load(..., ink='binary')`).
 
 Prepare the generated data once:
   python -m efficient_attn.data.prepare pathfinder --resolution 32 --difficulty hard
@@ -35,7 +36,7 @@ import numpy as np
 
 from efficient_attn.data import common
 from efficient_attn.data import pathfinder_lra
-from efficient_attn.data.pathfinder_draw import PathfinderSetting
+from efficient_attn.data.pathfinder_draw import INKS, PathfinderSetting
 # The generator, re-exported for the TFDS builder and prepare.py.
 from efficient_attn.data.pathfinder_draw import generate, generate_chunks  # pylint: disable=unused-import
 
@@ -88,12 +89,13 @@ def make_setting(resolution: int = 32, difficulty: str = 'hard', **overrides) ->
   return PathfinderSetting(**fields)
 
 
-def config_name(resolution: int, difficulty: str) -> str:
-  """TFDS config name of a resolution and difficulty."""
-  return f'res{resolution}_{difficulty}'
+def config_name(resolution: int, difficulty: str, ink: str = 'grey') -> str:
+  """TFDS config name of a resolution, difficulty and ink."""
+  return f'res{resolution}_{difficulty}' + ('' if ink == 'grey' else f'_{ink}')
 
 
-SETTINGS = {config_name(r, d): make_setting(r, d) for r in RESOLUTIONS for d in DIFFICULTIES}
+SETTINGS = {config_name(r, d, ink): make_setting(r, d, ink=ink)
+            for ink in INKS for r in RESOLUTIONS for d in DIFFICULTIES}
 SETTINGS['tiny'] = make_setting(32, 'hard', num_train=256, num_valid=64, num_test=64)
 
 
@@ -110,8 +112,9 @@ def _to_example(record: dict) -> dict:
 
 
 def load(split: str, data_dir=None, seq_len: int | None = None, resolution: int = 32,
-         difficulty: str = 'hard', source: str = 'generated', config: str | None = None,
-         prepare_if_missing: bool = False, skip_bad_images: bool = False) -> common.Task:
+         difficulty: str = 'hard', ink: str = 'grey', source: str = 'generated',
+         config: str | None = None, prepare_if_missing: bool = False,
+         skip_bad_images: bool = False) -> common.Task:
   """A Pathfinder split as pixel sequences.
 
   Args:
@@ -120,6 +123,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None, resolution: int 
     seq_len: must be resolution**2 (or None).
     resolution: 32, 64, 128 (Path-X) or 256.
     difficulty: 'easy', 'intermediate', 'hard' or 'extreme' (generated only).
+    ink: 'grey' (antialiased, as LRA) or 'binary' (generated only).
     source: 'generated' (prepared here) or 'lra_release' (official files).
     config: generated config name overriding resolution and difficulty (e.g. 'tiny').
     prepare_if_missing: generate the data when it is not prepared yet.
@@ -131,6 +135,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None, resolution: int 
   """
   common.check_choice('split', split, SPLITS)
   common.check_choice('source', source, ('generated', 'lra_release'))
+  common.check_choice('ink', ink, INKS)
   if config is not None:
     common.check_choice('config', config, tuple(SETTINGS))
     resolution = SETTINGS[config].resolution
@@ -139,12 +144,14 @@ def load(split: str, data_dir=None, seq_len: int | None = None, resolution: int 
   if seq_len not in (None, length):
     raise ValueError(f'Pathfinder-{resolution} sequences have length {length}, not {seq_len}')
   if source == 'lra_release':
+    if ink != 'grey':
+      raise ValueError(f"ink={ink!r}: the LRA files are grey; use source='generated'")
     examples = pathfinder_lra.source(split, data_dir, resolution, difficulty, skip_bad_images)
   else:
     from efficient_attn.data import generated  # pylint: disable=g-import-not-at-top
     common.check_choice('difficulty', difficulty, tuple(DIFFICULTIES))
-    records = generated.load_split('pathfinder', config or config_name(resolution, difficulty),
-                                   split, data_dir, prepare_if_missing)
+    config = config or config_name(resolution, difficulty, ink)
+    records = generated.load_split('pathfinder', config, split, data_dir, prepare_if_missing)
     examples = common.MappedSource(records, _to_example)
   name = 'pathx' if resolution == PATHX_RESOLUTION else 'pathfinder'
   return common.Task(name=name, split=split, source=examples, vocab_size=common.BYTE_VOCAB_SIZE,
