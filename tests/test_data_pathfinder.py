@@ -129,7 +129,8 @@ def test_unprepared_resolution_names_the_command(tmp_path):
     get_task('pathfinder', tmp_path, resolution=64, difficulty='easy')
   with pytest.raises(MissingDataError, match='prepare pathfinder --config res64_easy_binary'):
     get_task('pathfinder', tmp_path, resolution=64, difficulty='easy', ink='binary')
-  assert pathfinder.SETTINGS['res64_easy_binary'] == pathfinder.make_setting(64, 'easy', ink='binary')
+  binary = pathfinder.make_setting(64, 'easy', ink='binary')
+  assert pathfinder.SETTINGS['res64_easy_binary'] == binary
   with pytest.raises(ValueError, match="ink='binary'"):
     get_task('pathfinder', tmp_path, ink='binary', source='lra_release')
 

@@ -46,12 +46,14 @@ HEADINGS = 64
 SUBPIXELS = 4
 # Samples per pixel side when computing the coverage of grey ink.
 COVERAGE_SAMPLES = 4
-# Candidate segments tried per round, in order, until one fits.
+# Random candidate segments tried per round, in order, until one fits; a last round
+# then tries every heading (growing a path) or as many starts again (placing one).
 TRIAL_ROUNDS = (1, 4, 15)
 # A segment may touch its own path's previous segment, never older ones.
 OWN_SEGMENTS_ALLOWED = 1
 # Owner map codes: 0 is free; segment s of path p is p * CODES_PER_PATH + s + 1, and
-# the room kept for p's possible markers uses the slot MARKER_SLOT in place of s.
+# the room kept for p's possible markers uses the slot MARKER_SLOT in place of s, so
+# that path p owns the codes p * CODES_PER_PATH + 1 ... p * CODES_PER_PATH + MARKER_SLOT + 1.
 CODES_PER_PATH = 64
 MARKER_SLOT = CODES_PER_PATH - 2
 MAX_SEGMENTS = MARKER_SLOT
@@ -62,7 +64,10 @@ _TARGETS = (1, 2)
 class PathfinderSetting:
   """Drawing parameters, split sizes and seed of a Pathfinder data set (lengths in pixels).
 
-  The defaults are LRA's Pathfinder-32 (hard).
+  The defaults are LRA's Pathfinder-32 (hard). `ink` is 'grey' (antialiased lines
+  `line_width` wide at `contrast` times the dots' brightness, clipped) or 'binary'
+  (lines `thickness` pixels wide); `continuity` shapes the turns (see the module
+  docstring); `border` is the margin kept free along the edges.
   """
   resolution: int = 32
   contour_length: int = 14
