@@ -125,7 +125,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None, resolution: int 
     difficulty: 'easy', 'intermediate', 'hard' or 'extreme' (generated only).
     ink: 'grey' (antialiased, as LRA) or 'binary' (generated only).
     source: 'generated' (prepared here) or 'lra_release' (official files).
-    config: generated config name overriding resolution and difficulty (e.g. 'tiny').
+    config: generated config name overriding resolution, difficulty and ink (e.g. 'tiny').
     prepare_if_missing: generate the data when it is not prepared yet.
     skip_bad_images: leave out (with a warning) official images that are missing or
       empty, as LRA did.

@@ -43,7 +43,7 @@ def find_folder(data_dir, resolution: int, difficulty: str) -> pathlib.Path:
   raise common.MissingDataError(
       f'LRA Pathfinder-{resolution} ({difficulty}) not found: no lra_release/{tail} in '
       f'{", ".join(map(str, dirs))}. Download {common.LRA_RELEASE_URL} and extract it '
-      'there (or pass data_dir).')
+      f'into {dirs[0]} (or pass data_dir).')
 
 
 def read_metadata(folder: pathlib.Path) -> tuple[list[pathlib.Path], np.ndarray, list[str]]:
