@@ -35,6 +35,14 @@ def test_positives_connect_the_dots_and_negatives_do_not(debug_images):
     assert (components[y0, x0] == components[y1, x1]) == bool(label)
 
 
+def test_target_paths_start_away_from_the_edges(debug_images):
+  # As LRA: the first target starts 2 * seed_distance (14 px) from the edges, the
+  # second seed_distance from it; the first dot marks one of those starts.
+  origin_dots = debug_images['markers'][:, 0]
+  assert origin_dots.min() >= 14 - 7 - 1 and origin_dots.max() <= 32 - 14 + 7
+  assert (debug_images['markers'][:, 1] <= 2).any()  # the other dot may be anywhere
+
+
 def test_paths_are_dashed_with_distractors_and_inked_dots(debug_images):
   images, solid = debug_images['image'] > 0, debug_images['solid']
   assert not (images & ~solid).any()  # all ink lies on a path or a dot
