@@ -16,9 +16,8 @@ length, as many as LRA's integer division of a segment budget gives (5 at 32 and
 every image. Configs `res<R>_<difficulty>` hold 160K/20K/20K train/valid/test
 images (LRA's 80/10/10 proportions); 'tiny' is for tests. This project's own
 values: dash length and gap above 32 px and the distance between the target
-starts at 256 px (LRA's docstring gives none), dot radii 3.5 and 5.5 px at 128
-and 256 px (LRA 3 and 5), margin 2 at 128 px (LRA 2 or 3), and a few single
-dashes per image (LRA's snakes2_wrapper.py draws none). Binary-ink configs are
+starts at 256 px (LRA's docstring gives none), margin 2 at 128 px (LRA 2 or 3 per
+image), and a few single dashes per image (LRA's snakes2_wrapper.py draws none). Binary-ink configs are
 named `res<R>_<difficulty>_binary` (`load(..., ink='binary')`).
 
 Prepare the generated data once:
@@ -66,8 +65,8 @@ class _Style:
 _STYLES = {
     32: _Style(2, 1, 0.5, 1.5, 1, 1, 1.5, 7.0, 1.0, 20, 4),
     64: _Style(4, 2, 1.0, 0.8, 1, 1, 2.5, 12.0, 1.8, 22, 6),
-    128: _Style(8, 3, 1.5, 0.9, 2, 2, 3.5, 20.0, 1.8, 35, 10),
-    256: _Style(16, 5, 2.0, 1.0, 3, 3, 5.5, 36.0, 1.8, 30, 12),
+    128: _Style(8, 3, 1.5, 0.9, 2, 2, 3.0, 20.0, 1.8, 35, 10),
+    256: _Style(16, 5, 2.0, 1.0, 3, 3, 5.0, 36.0, 1.8, 30, 12),
 }
 
 
