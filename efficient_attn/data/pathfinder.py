@@ -17,8 +17,8 @@ every image. Configs `res<R>_<difficulty>` hold 160K/20K/20K train/valid/test
 images (LRA's 80/10/10 proportions); 'tiny' is for tests. This project's own
 values: dash length and gap above 32 px and the distance between the target
 starts at 256 px (LRA's docstring gives none), margin 2 at 128 px (LRA 2 or 3 per
-image), and a few single dashes per image (LRA's snakes2_wrapper.py draws none). Binary-ink configs are
-named `res<R>_<difficulty>_binary` (`load(..., ink='binary')`).
+image), and a few single dashes per image (LRA's snakes2_wrapper.py draws none).
+Binary-ink configs are named `res<R>_<difficulty>_binary` (`load(..., ink='binary')`).
 
 Prepare the generated data once:
   python -m efficient_attn.data.prepare pathfinder --resolution 32 --difficulty hard
