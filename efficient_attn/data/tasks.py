@@ -1,6 +1,5 @@
 """One entry point for every task: `get_task(name, data_dir, split, seq_len, **options)`."""
 
-import functools
 from typing import Callable
 
 from efficient_attn.data import common
@@ -17,7 +16,7 @@ TASKS: dict[str, Callable[..., common.Task]] = {
     'retrieval': retrieval.load,
     'image': image.load,
     'pathfinder': pathfinder.load,
-    'pathx': functools.partial(pathfinder.load, resolution=128),
+    'pathx': pathfinder.load_pathx,
     'stdlib_lm': stdlib_lm.load,
 }
 

@@ -26,7 +26,11 @@ def _config(name: str, setting: pathfinder.PathfinderSetting) -> PathfinderConfi
 class LraPathfinder(tfds.core.GeneratorBasedBuilder):
   """Pathfinder images generated with a seed, as in Long Range Arena."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Binary ink, uniform turns of +-0.5 rad.',
+      '2.0.0': "LRA's grey ink, cos^2 turns and distractor counts; binary-ink configs.",
+  }
   BUILDER_CONFIGS = [_config(name, setting) for name, setting in pathfinder.SETTINGS.items()]
 
   def __init__(self, *, workers: int = 1, **kwargs):
