@@ -7,7 +7,7 @@ import pytest
 
 from efficient_attn.data import get_task, make_batches
 from efficient_attn.metrics import bits_per_byte, bits_per_byte_from_logits
-from efficient_attn.data import stdlib_lm
+from efficient_attn.data import common, stdlib_lm
 
 
 def write_library(root):
@@ -29,14 +29,14 @@ def test_tests_and_packages_are_excluded(tmp_path):
 
 def test_split_by_file_is_deterministic_and_partitions(tmp_path):
   write_library(tmp_path)
-  splits = {s: stdlib_lm.split_files(s, tmp_path) for s in stdlib_lm.SPLITS}
+  splits = {s: stdlib_lm.split_files(s, tmp_path) for s in common.SPLITS}
   assert sorted(sum(splits.values(), [])) == stdlib_lm.source_files(tmp_path)
-  assert splits == {s: stdlib_lm.split_files(s, tmp_path) for s in stdlib_lm.SPLITS}
+  assert splits == {s: stdlib_lm.split_files(s, tmp_path) for s in common.SPLITS}
   assert stdlib_lm.split_of('json/decoder.py') == stdlib_lm.split_of('json/decoder.py')
 
 
 def test_real_library_is_megabytes_with_every_split_used():
-  sizes = {s: len(stdlib_lm.split_bytes(s)) for s in stdlib_lm.SPLITS}
+  sizes = {s: len(stdlib_lm.split_bytes(s)) for s in common.SPLITS}
   assert sizes['train'] > 5e6 and sizes['valid'] > 1e5 and sizes['test'] > 1e5
 
 

@@ -15,6 +15,7 @@ import grain
 import numpy as np
 
 PAD_ID = 0
+SPLITS = ('train', 'valid', 'test')
 BYTE_VOCAB_SIZE = 257
 DEFAULT_DATA_DIRS = ('~/tensorflow_datasets', './data')
 LRA_RELEASE_URL = 'https://storage.googleapis.com/long-range-arena/lra_release.gz'

@@ -28,7 +28,6 @@ from efficient_attn.data import common
 from efficient_attn.data import tfds_files
 
 CIFAR_URL = 'https://www.cs.toronto.edu/~kriz/cifar.html (CIFAR-10 python version)'
-SPLITS = ('train', 'valid', 'test')
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
 SEQ_LEN = IMAGE_SIZE * IMAGE_SIZE
@@ -105,7 +104,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None,
   Returns:
     The Task; examples are {'inputs': uint16 [1024] pixel ids, 'targets': int32}.
   """
-  common.check_choice('split', split, SPLITS)
+  common.check_choice('split', split, common.SPLITS)
   if seq_len not in (None, SEQ_LEN):
     raise ValueError(f'CIFAR-10 images are {SEQ_LEN} pixels long, not {seq_len}')
   images, labels = read_cifar(data_dir, 'test' if split == 'test' else 'train', source)

@@ -51,7 +51,6 @@ MIN_OP, MAX_OP, MED_OP, SUM_MOD_OP = range(4)
 OPERATOR_PROBABILITY = 0.25
 # Trees drawn per numpy batch; part of what a seed means, so never change it.
 TREES_PER_DRAW = 8192
-SPLITS = ('train', 'valid', 'test')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +254,7 @@ def generate_splits(setting: ListOpsSetting,
   sizes = setting.split_sizes()
   tokens, labels = generate(sum(sizes.values()), setting, progress=progress)
   splits, start = {}, 0
-  for split in SPLITS:
+  for split in common.SPLITS:
     stop = start + sizes[split]
     splits[split] = (tokens[start:stop], labels[start:stop])
     start = stop
@@ -333,7 +332,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None, config: str = 'l
     The Task; examples are {'inputs': int32 [length], 'targets': int32}.
   """
   from efficient_attn.data import generated  # pylint: disable=g-import-not-at-top
-  common.check_choice('split', split, SPLITS)
+  common.check_choice('split', split, common.SPLITS)
   common.check_choice('config', config, tuple(SETTINGS))
   common.check_choice('source', source, ('generated', 'lra_release'))
   if source == 'lra_release':

@@ -42,7 +42,6 @@ from efficient_attn.data.pathfinder_draw import generate, generate_chunks  # pyl
 RESOLUTIONS = (32, 64, 128, 256)
 PATHX_RESOLUTION = 128
 DIFFICULTIES = {'easy': 6, 'intermediate': 9, 'hard': 14, 'extreme': 20}
-SPLITS = ('train', 'valid', 'test')
 NUM_CLASSES = 2
 
 
@@ -100,8 +99,8 @@ SETTINGS['tiny'] = make_setting(32, 'hard', num_train=256, num_valid=64, num_tes
 
 def split_seed(setting: PathfinderSetting, split: str) -> tuple[int, int]:
   """The seed of a split's random streams."""
-  common.check_choice('split', split, SPLITS)
-  return (setting.seed, SPLITS.index(split))
+  common.check_choice('split', split, common.SPLITS)
+  return (setting.seed, common.SPLITS.index(split))
 
 
 def _to_example(record: dict) -> dict:
@@ -132,7 +131,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None, resolution: int 
   Returns:
     The Task; examples are {'inputs': int32 [resolution**2], 'targets': int32}.
   """
-  common.check_choice('split', split, SPLITS)
+  common.check_choice('split', split, common.SPLITS)
   common.check_choice('source', source, ('generated', 'lra_release'))
   common.check_choice('ink', ink, INKS)
   if config is not None:

@@ -22,7 +22,7 @@ from efficient_attn.data import tasks
 def _status(read, missing: str | None = None) -> str:
   """'train 10, valid 2, test 2' for `read(split)` returning sources, else what is wrong."""
   try:
-    return ', '.join(f'{split} {len(read(split))}' for split in listops.SPLITS)
+    return ', '.join(f'{split} {len(read(split))}' for split in common.SPLITS)
   except common.MissingDataError as error:
     return missing or f'NOT READY. {error}'
   except common.CorruptDataError as error:

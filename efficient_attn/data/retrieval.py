@@ -19,7 +19,6 @@ import pathlib
 from efficient_attn.data import common
 from efficient_attn.data import tsv
 
-SPLITS = ('train', 'valid', 'test')
 NUM_CLASSES = 2
 DEFAULT_SEQ_LEN = 4000  # LRA's released config
 _FILE_SPLIT = {'train': 'train', 'valid': 'eval', 'test': 'test'}
@@ -56,7 +55,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None) -> common.Task:
     The Task (pair=True); examples are {'inputs1', 'inputs2': int32 [<= seq_len]
     byte ids, 'targets': int32}.
   """
-  common.check_choice('split', split, SPLITS)
+  common.check_choice('split', split, common.SPLITS)
   seq_len = seq_len or DEFAULT_SEQ_LEN
   lines = tsv.TsvLines(find_tsv(data_dir, split), _FIELDS, label_field=0,
                        parse_label=tsv.parse_class(NUM_CLASSES))

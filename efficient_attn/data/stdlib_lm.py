@@ -22,7 +22,6 @@ import numpy as np
 
 from efficient_attn.data import common
 
-SPLITS = ('train', 'valid', 'test')
 SPLIT_PERCENT = {'train': (0, 90), 'valid': (90, 95), 'test': (95, 100)}
 DEFAULT_SEQ_LEN = 1024
 EXCLUDED_FOLDERS = frozenset({'test', 'tests', 'idle_test', 'site-packages', 'dist-packages',
@@ -59,7 +58,7 @@ def split_of(relative_path: str) -> str:
 
 def split_files(split: str, root: pathlib.Path | None = None) -> list[str]:
   """The relative paths of one split's files, sorted."""
-  common.check_choice('split', split, SPLITS)
+  common.check_choice('split', split, common.SPLITS)
   return [path for path in source_files(root) if split_of(path) == split]
 
 
@@ -75,7 +74,7 @@ def describe(root: pathlib.Path | None = None) -> str:
   root = pathlib.Path(root) if root is not None else stdlib_root()
   files = source_files(root)
   lines = [f'Python {platform.python_version()} standard library at {root}']
-  for split in SPLITS:
+  for split in common.SPLITS:
     chosen = [path for path in files if split_of(path) == split]
     size = sum((root / path).stat().st_size for path in chosen)
     lines.append(f'{split}: {len(chosen)} files, {size / 1e6:.2f} MB')
@@ -121,7 +120,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None,
     {'inputs', 'targets': int32 [<= seq_len]}.
   """
   del data_dir
-  common.check_choice('split', split, SPLITS)
+  common.check_choice('split', split, common.SPLITS)
   seq_len = seq_len or DEFAULT_SEQ_LEN
   return common.Task(name='stdlib_lm', split=split,
                      source=WindowSource(split_bytes(split, root), seq_len),

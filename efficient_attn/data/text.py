@@ -27,7 +27,6 @@ from efficient_attn.data import common
 from efficient_attn.data import tfds_files
 
 IMDB_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/ (aclImdb_v1.tar.gz)'
-SPLITS = ('train', 'valid', 'test')
 NUM_CLASSES = 2
 DEFAULT_SEQ_LEN = 1000  # LRA's released config
 # LRA validated on the test reviews; IMDB has no validation split.
@@ -106,7 +105,7 @@ def load(split: str, data_dir=None, seq_len: int | None = None,
   Returns:
     The Task; examples are {'inputs': int32 [<= seq_len] byte ids, 'targets': int32}.
   """
-  common.check_choice('split', split, SPLITS)
+  common.check_choice('split', split, common.SPLITS)
   seq_len = seq_len or DEFAULT_SEQ_LEN
   texts, labels = read_imdb(data_dir, _STORED_SPLIT[split], source)
   source = common.array_source(texts, labels).map(

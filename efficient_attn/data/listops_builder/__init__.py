@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from efficient_attn.data import common
 from efficient_attn.data import listops
 
 
@@ -48,7 +49,7 @@ class LraListops(tfds.core.GeneratorBasedBuilder):
     total = sum(setting.split_sizes().values())
     with tqdm.tqdm(total=total, desc='Generating ListOps', unit=' examples') as bar:
       splits = listops.generate_splits(setting, progress=bar.update)
-    return {split: self._generate_examples(*splits[split]) for split in listops.SPLITS}
+    return {split: self._generate_examples(*splits[split]) for split in common.SPLITS}
 
   def _generate_examples(self, tokens, labels):
     for i, (sequence, label) in enumerate(zip(tokens, labels)):

@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from efficient_attn.data import common
 from efficient_attn.data import pathfinder
 
 
@@ -54,7 +55,7 @@ class LraPathfinder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(split) for split in pathfinder.SPLITS}
+    return {split: self._generate_examples(split) for split in common.SPLITS}
 
   def _generate_examples(self, split):
     setting = self.builder_config.setting
