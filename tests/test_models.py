@@ -66,9 +66,15 @@ def test_padding_does_not_change_cls_or_pair_logits():
   classifier = evaluate(make('classification', pooling='cls', pos_encoding='learned'))
   np.testing.assert_allclose(classifier({'inputs': long_inputs, 'mask': long_mask}),
                              classifier({'inputs': inputs, 'mask': mask}), rtol=1e-5, atol=1e-5)
-  dual = evaluate(make('pair_classification', pos_encoding='rotary'))
+  model = make('pair_classification', pos_encoding='rotary')
+  dual = evaluate(model)
   pair = lambda x, m: {'inputs1': x, 'mask1': m, 'inputs2': x[::-1], 'mask2': m[::-1]}
-  np.testing.assert_allclose(dual(pair(long_inputs, long_mask)), dual(pair(inputs, mask)),
+  want = dual(pair(inputs, mask))
+  np.testing.assert_allclose(dual(pair(long_inputs, long_mask)), want, rtol=1e-5, atol=1e-5)
+  # One shared encoder, its outputs u and v combined as [u, v, u * v, u - v].
+  u, v = (model.encoder(x, m, deterministic=True) for x, m in ((inputs, mask),
+                                                                (inputs[::-1], mask[::-1])))
+  np.testing.assert_allclose(model.head(jnp.concatenate([u, v, u * v, u - v], -1)), want,
                              rtol=1e-5, atol=1e-5)
 
 
