@@ -251,7 +251,8 @@ class LanguageModel(nnx.Module):
   def __call__(self, batch: dict, *, deterministic: bool | None = None,
                rngs=None) -> jax.Array:
     """float32 logits `[batch, seq_len, vocab_size]`: position t predicts 'targets'[t], the
-    token after 'inputs'[t]."""
+    token after 'inputs'[t]; logits at padding positions are meaningless (weight the
+    loss by 'mask')."""
     x = self.encoder(batch['inputs'], batch['mask'], deterministic=deterministic, rngs=rngs)
     return self.logits(x).astype(jnp.float32)
 
@@ -271,8 +272,9 @@ def make_model(task_kind: str, **kwargs) -> nnx.Module:
 
   Args:
     task_kind: 'classification' (Classifier), 'pair_classification'
-      (DualEncoder) or 'causal_lm' (LanguageModel); see `task_kind`.
-    **kwargs: the model's constructor arguments.
+      (DualEncoder) or 'causal_lm' (LanguageModel); see `task_kind_of`.
+    **kwargs: the model's constructor arguments (LanguageModel takes neither
+      num_classes, which is its vocab_size, nor pooling).
 
   Returns:
     The model.
@@ -281,7 +283,7 @@ def make_model(task_kind: str, **kwargs) -> nnx.Module:
   return MODELS[task_kind](**kwargs)
 
 
-def task_kind(task) -> str:
+def task_kind_of(task) -> str:
   """The task kind of a `efficient_attn.data.common.Task` (its `pair` and `causal_lm` flags)."""
   if task.causal_lm:
     return 'causal_lm'

@@ -181,9 +181,9 @@ def test_classifier_usable_from_linen_through_bridge():
 
 def test_task_kind_picks_the_model():
   task = lambda **flags: common.Task('t', 'train', None, 10, 2, 16, **flags)
-  assert models.task_kind(task()) == 'classification'
-  assert models.task_kind(task(pair=True)) == 'pair_classification'
-  assert models.task_kind(task(causal_lm=True)) == 'causal_lm'
+  assert models.task_kind_of(task()) == 'classification'
+  assert models.task_kind_of(task(pair=True)) == 'pair_classification'
+  assert models.task_kind_of(task(causal_lm=True)) == 'causal_lm'
 
 
 @pytest.mark.parametrize('kind,kwargs,message', [
