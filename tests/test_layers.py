@@ -200,3 +200,18 @@ def test_learned_positions_are_added_and_bounded_by_max_len():
 def test_bad_layer_arguments_raise(build, message):
   with pytest.raises(ValueError, match=message):
     build()
+
+
+def test_rotary_reaches_shared_qk_lsh_through_the_queries():
+  mha = make_mha(rotary=True, attention='lsh', attention_options={'chunk_len': 4})
+  x = jax.random.normal(jax.random.key(9), (1, 16, 32))
+  project = lambda dense: jnp.einsum('bnf,fhd->bnhd', x, dense.kernel[...]) + dense.bias[...]
+
+  @jax.jit
+  def got_and_want(x):
+    q = layers.rotary_embedding(project(mha.query))
+    y = mha.attention(q, q, project(mha.value), deterministic=True)
+    return mha(x, deterministic=True), jnp.einsum('bnhd,hdf->bnf', y, mha.out.kernel[...])
+
+  got, want = got_and_want(x)
+  np.testing.assert_allclose(got, want + mha.out.bias[...], rtol=1e-5, atol=1e-5)
