@@ -164,20 +164,24 @@ class Encoder(nnx.Module):
 
 
 class ClassifierHead(nnx.Module):
-  """The MLP head of the Long Range Arena classifiers: Dense -> relu -> Dense."""
+  """The MLP head of the Long Range Arena classifiers: (Dense -> relu) per hidden size,
+  then Dense to the logits."""
 
-  def __init__(self, in_features: int, mlp_dim: int, num_classes: int, *,
+  def __init__(self, in_features: int, hidden_dims: tuple[int, ...], num_classes: int, *,
                dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
                rngs: nnx.Rngs):
-    """Builds the two layers (sizes in_features -> mlp_dim -> num_classes)."""
+    """Builds the layers, sizes in_features -> *hidden_dims -> num_classes."""
     base.check_positive_int('num_classes', num_classes)
     options = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.hidden = nnx.Linear(in_features, mlp_dim, **options)
-    self.out = nnx.Linear(mlp_dim, num_classes, **options)
+    sizes = (in_features,) + tuple(hidden_dims)
+    self.hidden = nnx.List([nnx.Linear(a, b, **options) for a, b in zip(sizes, sizes[1:])])
+    self.out = nnx.Linear(sizes[-1], num_classes, **options)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """float32 logits `[batch, num_classes]` from features `[batch, in_features]`."""
-    return self.out(jax.nn.relu(self.hidden(x))).astype(jnp.float32)
+    for layer in self.hidden:
+      x = jax.nn.relu(layer(x))
+    return self.out(x).astype(jnp.float32)
 
 
 class Classifier(nnx.Module):
@@ -198,7 +202,10 @@ class Classifier(nnx.Module):
     """
     base.check_choice('pooling', pooling, POOLINGS)
     self.encoder = Encoder(pooling=pooling, rngs=rngs, **encoder_options)
-    self.head = _head(self.encoder, 1, num_classes, rngs)
+    mlp_dim = self.encoder.mlp_dim
+    self.head = ClassifierHead(self.encoder.emb_dim, (mlp_dim,), num_classes,
+                               dtype=self.encoder.dtype,
+                               param_dtype=self.encoder.param_dtype, rngs=rngs)
 
   def __call__(self, batch: dict, *, deterministic: bool | None = None,
                rngs=None) -> jax.Array:
@@ -217,7 +224,11 @@ class DualEncoder(nnx.Module):
     """Builds the encoder and head; arguments as in `Classifier`."""
     base.check_choice('pooling', pooling, POOLINGS)
     self.encoder = Encoder(pooling=pooling, rngs=rngs, **encoder_options)
-    self.head = _head(self.encoder, 4, num_classes, rngs)
+    # As the Long Range Arena dual-encoder head: hidden sizes mlp_dim and mlp_dim // 2.
+    mlp_dim = self.encoder.mlp_dim
+    self.head = ClassifierHead(4 * self.encoder.emb_dim, (mlp_dim, mlp_dim // 2), num_classes,
+                               dtype=self.encoder.dtype,
+                               param_dtype=self.encoder.param_dtype, rngs=rngs)
 
   def __call__(self, batch: dict, *, deterministic: bool | None = None,
                rngs=None) -> jax.Array:
@@ -255,12 +266,6 @@ class LanguageModel(nnx.Module):
     loss by 'mask')."""
     x = self.encoder(batch['inputs'], batch['mask'], deterministic=deterministic, rngs=rngs)
     return self.logits(x).astype(jnp.float32)
-
-
-def _head(encoder: Encoder, copies: int, num_classes: int, rngs: nnx.Rngs) -> ClassifierHead:
-  """The MLP head (hidden size mlp_dim) on `copies` concatenated pooled outputs of `encoder`."""
-  return ClassifierHead(copies * encoder.emb_dim, encoder.mlp_dim, num_classes,
-                        dtype=encoder.dtype, param_dtype=encoder.param_dtype, rngs=rngs)
 
 
 MODELS = {'classification': Classifier, 'pair_classification': DualEncoder,
