@@ -8,6 +8,7 @@ from flax import linen as nn
 from flax import nnx
 
 import efficient_attn as ea
+from efficient_attn import layers
 
 
 def make_mha(**kwargs):
@@ -119,3 +120,98 @@ def test_dropout_under_plain_jit_with_explicit_rngs():
   assert not np.allclose(step(x, jax.random.key(1)), step(x, jax.random.key(2)))
   evaluate = jax.jit(lambda x: mha(x, deterministic=True))
   np.testing.assert_allclose(evaluate(x), make_mha(dropout_rate=0.0)(x), atol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_the_offset():
+  q, k = jax.random.normal(jax.random.key(6), (2, 1, 12, 2, 16))
+  positions = jnp.arange(12)
+  scores = lambda shift: jnp.einsum(
+      'bqhd,bkhd->bhqk', layers.rotary_embedding(q, positions + shift),
+      layers.rotary_embedding(k, positions + shift))
+  np.testing.assert_allclose(scores(7), scores(0), rtol=1e-4, atol=1e-4)
+  # Not trivially so: moving only the keys changes the scores.
+  moved = jnp.einsum('bqhd,bkhd->bhqk', layers.rotary_embedding(q, positions),
+                     layers.rotary_embedding(k, positions + 3))
+  assert not np.allclose(moved, scores(0), atol=1e-2)
+  # Pair (2i, 2i + 1) at position p is turned by p * theta_i, theta_i = 10000^(-2i / 8).
+  x = jnp.zeros((1, 5, 1, 8)).at[..., 0::2].set(1.0)
+  angle = np.arange(5)[:, None] * 10000.0 ** (-2 * np.arange(4) / 8)
+  rotated = layers.rotary_embedding(x)[0, :, 0]
+  np.testing.assert_allclose(rotated[:, 0::2], np.cos(angle), atol=1e-6)
+  np.testing.assert_allclose(rotated[:, 1::2], np.sin(angle), atol=1e-6)
+
+
+def test_rotary_attention_matches_a_dense_oracle():
+  mha = make_mha(rotary=True, attention_options={'backend': 'blocked', 'q_block': 8,
+                                                 'kv_block': 8})
+  x = jax.random.normal(jax.random.key(7), (2, 20, 32))
+  mask = jnp.arange(20)[None] < jnp.array([[20], [13]])
+  project = lambda dense: jnp.einsum('bnf,fhd->bnhd', x, dense.kernel[...]) + dense.bias[...]
+  q, k = (layers.rotary_embedding(project(p)) for p in (mha.query, mha.key))
+  y = ea.dense_attention(q, k, project(mha.value), mask, causal=True)
+  want = jnp.einsum('bnhd,hdf->bnf', y, mha.out.kernel[...]) + mha.out.bias[...]
+  np.testing.assert_allclose(mha(x, mask=mask, causal=True), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoidal_positions_follow_the_formula():
+  got = layers.sinusoidal_positions(50, 6)
+  position, pair = np.arange(50)[:, None], np.arange(3)[None]
+  angle = position / 10000.0 ** (2 * pair / 6)
+  np.testing.assert_allclose(got[:, 0::2], np.sin(angle), atol=1e-5)
+  np.testing.assert_allclose(got[:, 1::2], np.cos(angle), atol=1e-5)
+  assert layers.sinusoidal_positions(4, 5).shape == (4, 5)
+
+
+def test_transformer_block_is_pre_norm_residual():
+  block = layers.TransformerBlock(32, 4, 48, attention_options={'backend': 'dense'},
+                                  dropout_rate=0.3, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(8), (2, 10, 32))
+  mask = jnp.arange(10)[None] < jnp.array([[10], [6]])
+  y = x + block.attention(block.attention_norm(x), mask=mask, causal=True)
+  mlp = block.mlp
+  want = y + mlp.out(jax.nn.gelu(mlp.hidden(block.mlp_norm(y))))
+  got = block(x, mask, causal=True, deterministic=True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Dropout in training, reproducible from an explicit key.
+  train = jax.jit(lambda x, key: block(x, mask, rngs=key))
+  np.testing.assert_array_equal(train(x, jax.random.key(1)), train(x, jax.random.key(1)))
+  assert not np.allclose(train(x, jax.random.key(1)), got, atol=1e-3)
+
+
+def test_learned_positions_are_added_and_bounded_by_max_len():
+  encoding = layers.PositionalEncoding('learned', 8, 4, rngs=nnx.Rngs(0))
+  x = jnp.zeros((1, 5, 4))
+  np.testing.assert_array_equal(encoding(x)[0], encoding.embedding[:5])
+  with pytest.raises(ValueError, match=r'sequence length 9 is longer than max_len=8'):
+    encoding(jnp.zeros((1, 9, 4)))
+  for kind in ('rotary', 'none'):
+    np.testing.assert_array_equal(layers.PositionalEncoding(kind, 8, 4, rngs=nnx.Rngs(0))(x), x)
+
+
+@pytest.mark.parametrize('build,message', [
+    (lambda: make_mha(qkv_features=36, rotary=True), 'rotary=True needs an even head dimension'),
+    (lambda: layers.PositionalEncoding('alibi', 8, 4, rngs=nnx.Rngs(0)),
+     r"pos_encoding='alibi' is not supported; allowed: 'sinusoidal', 'learned'"),
+    (lambda: layers.FeedForward(8, 16, dropout_rate=-0.1, rngs=nnx.Rngs(0)),
+     r'dropout_rate must be in \[0, 1\)'),
+    (lambda: layers.TransformerBlock(8, 2, 16, attention_dropout_rate=1.5, rngs=nnx.Rngs(0)),
+     r'dropout_rate must be in \[0, 1\)'),
+])
+def test_bad_layer_arguments_raise(build, message):
+  with pytest.raises(ValueError, match=message):
+    build()
+
+
+def test_rotary_reaches_shared_qk_lsh_through_the_queries():
+  mha = make_mha(rotary=True, attention='lsh', attention_options={'chunk_len': 4})
+  x = jax.random.normal(jax.random.key(9), (1, 16, 32))
+  project = lambda dense: jnp.einsum('bnf,fhd->bnhd', x, dense.kernel[...]) + dense.bias[...]
+
+  @jax.jit
+  def got_and_want(x):
+    q = layers.rotary_embedding(project(mha.query))
+    y = mha.attention(q, q, project(mha.value), deterministic=True)
+    return mha(x, deterministic=True), jnp.einsum('bnhd,hdf->bnf', y, mha.out.kernel[...])
+
+  got, want = got_and_want(x)
+  np.testing.assert_allclose(got, want + mha.out.bias[...], rtol=1e-5, atol=1e-5)
