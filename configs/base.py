@@ -1,0 +1,98 @@
+"""What every task config shares: the keys, the scales, the per-attention defaults.
+
+A task file (listops.py, text.py, ...) defines `get_config(arg)` with
+arg = 'attention[,scale]', e.g. 'performer,cpu'; scales:
+  paper  the base configs of the public LRA code, which produced the published
+         numbers (for accelerators);
+  cpu    a run of minutes on 2 CPU cores that still learns the task;
+  tiny   seconds; for tests.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+SCALES = ('paper', 'cpu', 'tiny')
+
+
+def parse_arg(arg: str | None, default_attention: str = 'full',
+              default_scale: str = 'cpu') -> tuple[str, str]:
+  """(attention, scale) of a config argument 'attention[,scale]'."""
+  parts = [p.strip() for p in (arg or '').split(',')] if arg else []
+  if len(parts) > 2:
+    raise ValueError(f"config argument {arg!r} must be 'attention[,scale]', e.g. 'lsh,cpu'")
+  attention = parts[0] if parts and parts[0] else default_attention
+  scale = parts[1] if len(parts) > 1 and parts[1] else default_scale
+  if scale not in SCALES:
+    raise ValueError(f'scale {scale!r} does not exist; available: {", ".join(SCALES)}')
+  return attention, scale
+
+
+def attention_defaults(attention: str, length: int) -> dict:
+  """Options of `attention` for sequences of `length` tokens: the one table of them.
+
+  Args:
+    attention: a registered attention name.
+    length: tokens the attention sees (a CLS token included).
+
+  Returns:
+    Options for `make_attention`; {} for mechanisms without tunable settings.
+  """
+  table = {
+      'lsh': {'chunk_len': max(4, min(64, length // 8)), 'n_hashes': 2},
+      'linformer': {'k': max(4, min(256, length // 4)), 'max_len': length},
+      'performer': {'num_features': max(16, min(256, length // 2))},
+      'longformer': {'window': max(2, min(128, length // 8))},
+  }
+  return table.get(attention, {})
+
+
+def task_config(*, task: str, attention: str, scale: str, seq_len: int, model: dict,
+                data: dict | None = None, train: dict,
+                task_options: dict | None = None) -> ml_collections.ConfigDict:
+  """A full config with every key the trainer and the scripts rely on.
+
+  Args:
+    task: a task name of `efficient_attn.data.available_tasks()`.
+    attention: a registered attention name.
+    scale: one of SCALES.
+    seq_len: input length of the data.
+    model: model keys that differ from the defaults below.
+    data: data keys that differ from the defaults below.
+    train: train keys that differ from the defaults below.
+    task_options: options of `get_task` (e.g. config='small').
+
+  Returns:
+    The ConfigDict.
+  """
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.task_options = task_options or {}
+  config.scale = scale
+  config.seed = 0
+  config.parallel = 'mesh'
+  model = {
+      'attention': attention,
+      'num_layers': 2, 'emb_dim': 64, 'num_heads': 4, 'qkv_dim': 64, 'mlp_dim': 128,
+      'dropout_rate': 0.1, 'attention_dropout_rate': 0.1,
+      'pos_encoding': 'sinusoidal', 'pooling': 'cls', 'dtype': 'float32',
+      **model}
+  # A CLS token is one more position for the attention.
+  length = seq_len + (model['pooling'] == 'cls')
+  config.model = {**model, 'attention_options': attention_defaults(attention, length)}
+  config.data = {
+      'seq_len': seq_len, 'batch_size': 32, 'data_dir': config_dict.placeholder(str),
+      'prepare_if_missing': True, **(data or {})}
+  config.train = {
+      'steps': 1000, 'learning_rate': 1e-3, 'schedule': 'rsqrt', 'warmup_steps': 100,
+      'weight_decay': 0.0, 'grad_clip': 1.0, 'grad_accum': 1,
+      'eval_every': 200, 'eval_batches': 0, 'log_every': 50,
+      'checkpoint_every': 200, 'keep_checkpoints': 2, **train}
+  return config
+
+
+# The `tiny` scale of every task: one small layer and a few steps (tests).
+TINY_MODEL = {'num_layers': 1, 'emb_dim': 16, 'num_heads': 2, 'qkv_dim': 16, 'mlp_dim': 32,
+              'dropout_rate': 0.0, 'attention_dropout_rate': 0.0}
+TINY_TRAIN = {'steps': 6, 'warmup_steps': 2, 'learning_rate': 1e-2, 'schedule': 'constant',
+              'eval_every': 3, 'eval_batches': 2, 'log_every': 1, 'checkpoint_every': 3}
+TINY_DATA = {'batch_size': 8}

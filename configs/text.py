@@ -1,0 +1,30 @@
+"""Text (LRA): IMDB sentiment at byte level, 2 classes.
+
+  python launch.py --config configs/text.py:full,cpu --workdir runs/text-full-cpu
+
+paper: the public LRA code's base config (4 layers, emb 256, 1000 bytes, 20000
+steps; Transformer 64.27% test accuracy, LRA Table 1); cpu: 512 bytes, 2 layers
+of width 64. Needs the IMDB reviews (see `python -m efficient_attn.data.prepare status`).
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  """The Text config for arg 'attention[,scale]' (default 'full,cpu')."""
+  attention, scale = base.parse_arg(arg)
+  if scale == 'paper':
+    return base.task_config(
+        task='text', attention=attention, scale=scale, seq_len=1000,
+        model={'num_layers': 4, 'emb_dim': 256, 'num_heads': 4, 'qkv_dim': 256,
+               'mlp_dim': 1024},
+        train={'steps': 20000, 'learning_rate': 0.05, 'warmup_steps': 8000,
+               'weight_decay': 0.1, 'grad_clip': 0.0, 'eval_every': 1000,
+               'checkpoint_every': 1000})
+  if scale == 'cpu':
+    return base.task_config(
+        task='text', attention=attention, scale=scale, seq_len=512, model={},
+        train={'steps': 1500, 'learning_rate': 0.05, 'warmup_steps': 300,
+               'weight_decay': 0.1, 'eval_every': 500, 'eval_batches': 32})
+  return base.task_config(task='text', attention=attention, scale=scale, seq_len=64,
+                          model=base.TINY_MODEL, data=base.TINY_DATA, train=base.TINY_TRAIN)
