@@ -44,7 +44,8 @@ def causal_modes(name):
 
 @pytest.mark.parametrize('name', NAMES)
 def test_shape_and_dtype_with_value_dim_unlike_head_dim(name):
-  out = make(name)(*inputs(), deterministic=True)
+  attn = make(name)
+  out = jax.jit(lambda q, k, v: attn(q, k, v, deterministic=True))(*inputs())
   assert out.shape == (BATCH, LENGTH, HEADS, VALUE_DIM) and out.dtype == jnp.float32
   assert np.all(np.isfinite(out))
 
@@ -53,10 +54,9 @@ def test_shape_and_dtype_with_value_dim_unlike_head_dim(name):
 def test_bfloat16_forward_and_gradients_finite(name):
   attn = make(name)
   q, k, v = inputs(jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(attn(q, k, v, mask=MASK, deterministic=True)
-                                 .astype(jnp.float32))
-  out = attn(q, k, v, mask=MASK, deterministic=True)
-  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  call = lambda q, k, v: attn(q, k, v, mask=MASK, deterministic=True)
+  loss = lambda q, k, v: jnp.sum(call(q, k, v).astype(jnp.float32))
+  out, grads = jax.jit(lambda *a: (call(*a), jax.grad(loss, argnums=(0, 1, 2))(*a)))(q, k, v)
   assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(out.astype(jnp.float32)))
   for g, x in zip(grads, (q, k, v)):
     assert g.dtype == jnp.bfloat16 and g.shape == x.shape
@@ -71,11 +71,12 @@ def test_padding_invariance_of_q_k_and_v(name):
   padded = ~MASK[:, :, None, None]
   changed = [jnp.where(padded, 5 * n, x) for x, n in zip((q, k, v), noise)]
   for causal in causal_modes(name):
-    want = attn(q, k, v, mask=MASK, causal=causal, deterministic=True)
+    call = jax.jit(lambda q, k, v: attn(q, k, v, mask=MASK, causal=causal, deterministic=True))
+    want = call(q, k, v)
     for i in range(3):
       args = [q, k, v]
       args[i] = changed[i]
-      got = attn(*args, mask=MASK, causal=causal, deterministic=True)
+      got = call(*args)
       np.testing.assert_allclose(np.where(MASK[:, :, None, None], got, 0),
                                  np.where(MASK[:, :, None, None], want, 0),
                                  atol=2e-6, err_msg=f'causal={causal}, changed {"qkv"[i]}')
@@ -89,10 +90,10 @@ def test_fully_masked_row_gives_zeros_and_finite_gradients(name):
   mask[1] = False
   for causal in causal_modes(name):
     call = lambda q, k, v: attn(q, k, v, mask=mask, causal=causal, deterministic=True)
-    out = call(q, k, v)
+    grad = jax.grad(lambda *a: jnp.sum(call(*a) ** 2), argnums=(0, 1, 2))
+    out, grads = jax.jit(lambda *a: (call(*a), grad(*a)))(q, k, v)
     assert np.all(np.asarray(out[1]) == 0), f'causal={causal}'
     assert np.all(np.isfinite(out))
-    grads = jax.grad(lambda *a: jnp.sum(call(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
@@ -103,7 +104,8 @@ def test_causal_with_padding_has_zero_gradient_from_the_future(name):
   split = 12
   loss = lambda q, k, v: jnp.sum(
       attn(q, k, v, mask=MASK, causal=True, deterministic=True)[:, :split] ** 2)
-  for g, used in zip(jax.grad(loss, argnums=(0, 1, 2))(q, k, v), (True, attn.uses_keys, True)):
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  for g, used in zip(grads, (True, attn.uses_keys, True)):
     assert np.all(np.asarray(g[:, split:]) == 0)
     assert np.any(np.asarray(g[0, :split]) != 0) == used
 

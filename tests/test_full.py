@@ -1,5 +1,7 @@
 """Exact attention: blocked and xla backends against the dense oracle, masks, causality."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +33,9 @@ def relative_error(x, reference):
   return np.abs(x - reference).max() / (scale if scale > 0 else 1.0)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def outputs_and_grads(fn, q, k, v, mask, causal):
-  """fn's output and the gradients of a random projection of it w.r.t. q, k, v."""
+  """fn's output and the gradients of a random projection of it w.r.t. q, k, v (one program)."""
   probe = jax.random.normal(jax.random.key(7), q.shape[:3] + v.shape[-1:], jnp.float32)
   loss = lambda q, k, v: jnp.sum(fn(q, k, v, mask, causal).astype(jnp.float32) * probe)
   return fn(q, k, v, mask, causal), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
@@ -45,9 +48,9 @@ BACKENDS = {
 
 
 # (q_len, kv_len, masked, causal): lengths that are not block multiples, cross-attention.
-FLOAT32_CASES = [(17, 17, masked, causal) for masked in (False, True) for causal in (False, True)]
-FLOAT32_CASES += [(1, 1, True, True), (1000, 1000, True, False), (1537, 1537, False, True),
-                  (1537, 1537, True, True), (33, 150, True, True), (150, 33, True, False)]
+FLOAT32_CASES = [(17, 17, False, False), (17, 17, False, True)]
+FLOAT32_CASES += [(1, 1, True, True), (1000, 1000, True, False), (1537, 1537, True, True),
+                  (33, 150, True, True), (150, 33, True, False)]
 
 
 @pytest.mark.parametrize('backend', ['blocked', 'xla'])

@@ -103,11 +103,12 @@ def launch(workdir, *overrides, config='configs/listops.py:full,tiny', env=None,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_killed_run_resumes_to_the_same_end(prepared_dir, tmp_path):
-  overrides = (f'--config.data.data_dir={prepared_dir}', '--config.train.steps=12',
-               '--config.train.checkpoint_every=2', '--config.train.eval_every=6')
-  whole = launch(tmp_path / 'whole', *overrides)
-  assert whole.wait(timeout=300) == 0, whole.stderr.read()
+def test_killed_run_resumes_to_the_same_end(prepared_dir, tmp_path, capsys):
+  settings = dict(steps=12, checkpoint_every=2, eval_every=6)
+  config = tiny(listops_config, data_dir=prepared_dir, **settings)
+  train.train_and_evaluate(config, tmp_path / 'whole')  # the 4 devices of launch.py's run
+  overrides = [f'--config.data.data_dir={prepared_dir}'] + [
+      f'--config.train.{key}={value}' for key, value in settings.items()]
   killed = launch(tmp_path / 'killed', *overrides)
   checkpoint = tmp_path / 'killed' / 'checkpoints' / '4'
   deadline = time.time() + 300
@@ -123,9 +124,9 @@ def test_killed_run_resumes_to_the_same_end(prepared_dir, tmp_path):
   ends = [json.loads((tmp_path / run / 'results.json').read_text()) for run in ('whole', 'killed')]
   assert ends[0]['test'] == ends[1]['test']  # bit-identical on CPU
   assert train_losses(tmp_path / 'whole') == train_losses(tmp_path / 'killed')
-  again = launch(tmp_path / 'killed', *overrides)
-  out, _ = again.communicate(timeout=300)
-  assert 'is finished; stored results' in out
+  capsys.readouterr()
+  assert train.train_and_evaluate(config, tmp_path / 'killed')['test'] == ends[1]['test']
+  assert 'is finished; stored results' in capsys.readouterr().out
 
 
 def test_damaged_or_incompatible_checkpoint_is_named(prepared_dir, tmp_path):
