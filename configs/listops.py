@@ -26,8 +26,9 @@ def get_config(arg: str | None = None):
     return base.task_config(
         task='listops', attention=attention, scale=scale, seq_len=512,
         task_options={'config': 'small'},
-        model={}, train={'steps': 1500, 'learning_rate': 0.05, 'warmup_steps': 300,
-                         'weight_decay': 0.1, 'eval_every': 500, 'eval_batches': 32})
+        model={}, data={'batch_size': 16},
+        train={'steps': 800, 'learning_rate': 0.05, 'warmup_steps': 200, 'weight_decay': 0.1,
+               'eval_every': 200, 'eval_batches': 16, 'checkpoint_every': 200})
   return base.task_config(
       task='listops', attention=attention, scale=scale, seq_len=64,
       task_options={'config': 'tiny'}, model=base.TINY_MODEL,
