@@ -30,8 +30,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch_two(workdir, data_dir, cache_dir) -> list[subprocess.Popen]:
-  """launch.py as processes 0 and 1 of a run, one CPU device each."""
+def launch_two(workdir, data_dir, cache_dir, *flags) -> list[subprocess.Popen]:
+  """launch.py with `flags` as processes 0 and 1 of a run, one CPU device each."""
   port = free_port()
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
          'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
@@ -39,7 +39,7 @@ def launch_two(workdir, data_dir, cache_dir) -> list[subprocess.Popen]:
   command = [sys.executable, str(ROOT / 'launch.py'),
              f'--config={ROOT / "configs/listops.py"}:full,tiny', f'--workdir={workdir}',
              f'--config.data.data_dir={data_dir}', f'--coordinator=127.0.0.1:{port}',
-             '--num_processes=2']
+             '--num_processes=2', *flags]
   command += [f'--config.train.{key}={value}' for key, value in OVERRIDES.items()]
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
   return [subprocess.Popen(command + [f'--process_id={i}'], cwd=ROOT, env=env,
@@ -97,7 +97,9 @@ def test_two_processes_train_as_one_and_resume_after_sigkill(prepared_dir, tmp_p
     process.wait()
   assert checkpoint.exists()
   assert not (workdir / 'results.json').exists(), 'killed before the end'
-  wait_all(launch_two(workdir, prepared_dir, tmp_path / 'cache'), workdir)
+  # Checkpoints hold global arrays whatever the parallel mode: resume under pmap.
+  wait_all(launch_two(workdir, prepared_dir, tmp_path / 'cache', '--config.parallel=pmap'),
+           workdir)
   assert 'resumed' in (workdir / 'log0.txt').read_text()
 
   two = json.loads((workdir / 'results.json').read_text())

@@ -142,7 +142,7 @@ class DataParallel:
   def saveable_state(self, state):
     """The state as global replicated arrays, as checkpoints hold it."""
     if self.parallel == 'pmap':
-      return jax.device_put(jax.tree.map(lambda x: x[0], state), self.replicated)
+      return jax.device_put(jax.tree.map(_first_local, state), self.replicated)
     return state
 
   def put_batch(self, batch: dict) -> dict:
@@ -163,8 +163,14 @@ class DataParallel:
   def first(self, tree):
     """Host values of step outputs (pmap outputs are the same on every device)."""
     if self.parallel == 'pmap':
-      tree = jax.tree.map(lambda x: x[0], tree)
+      tree = jax.tree.map(_first_local, tree)
     return jax.device_get(tree)
+
+
+def _first_local(x) -> np.ndarray:
+  """Row 0 of this process's per-device stack: a pmap input, or a pmap output's first local
+  device (its x[0] may be on another host)."""
+  return np.asarray(x.addressable_data(0)[0] if isinstance(x, jax.Array) else x[0])
 
 
 def evaluate(eval_step, parallel: DataParallel, state, task, local_batch: int,
