@@ -1,4 +1,8 @@
-"""Two processes on 127.0.0.1 (CPU collectives over gloo) train as one: lockstep, resume."""
+"""Two processes on 127.0.0.1 (CPU collectives over gloo) train as one: lockstep, resume.
+
+The reference is one process with two devices reading, per step, the two shards
+that the two processes read (`TwoShards`), so both see the same global batches.
+"""
 
 import json
 import os
@@ -12,7 +16,6 @@ import time
 import grain
 import jax
 import numpy as np
-import pytest
 
 from configs import listops as listops_config
 from efficient_attn import train
@@ -42,10 +45,12 @@ def launch_two(workdir, data_dir, cache_dir, *flags) -> list[subprocess.Popen]:
              '--num_processes=2', *flags]
   command += [f'--config.train.{key}={value}' for key, value in OVERRIDES.items()]
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  return [subprocess.Popen(command + [f'--process_id={i}'], cwd=ROOT, env=env,
-                           stdout=open(pathlib.Path(workdir) / f'log{i}.txt', 'a'),
-                           stderr=subprocess.STDOUT)
-          for i in (0, 1)]
+  processes = []
+  for i in (0, 1):
+    with open(pathlib.Path(workdir) / f'log{i}.txt', 'a') as log:
+      processes.append(subprocess.Popen(command + [f'--process_id={i}'], cwd=ROOT, env=env,
+                                        stdout=log, stderr=subprocess.STDOUT))
+  return processes
 
 
 def wait_all(processes, workdir) -> None:
@@ -82,7 +87,7 @@ def test_two_processes_train_as_one_and_resume_after_sigkill(prepared_dir, tmp_p
   config = listops_config.get_config('full,tiny')
   config.data.data_dir = str(prepared_dir)
   config.train.update(OVERRIDES)
-  monkeypatch.setattr(trainer, 'make_batches', TwoShards)
+  monkeypatch.setattr(trainer, 'make_batches', TwoShards)  # train and evaluation batches
   one = train.train_and_evaluate(config, tmp_path / 'one', devices=jax.devices()[:2])
 
   workdir = tmp_path / 'two'
