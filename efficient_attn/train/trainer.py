@@ -168,8 +168,7 @@ class DataParallel:
 
 
 def _first_local(x) -> np.ndarray:
-  """Row 0 of this process's per-device stack: a pmap input, or a pmap output's first local
-  device (its x[0] may be on another host)."""
+  """Row 0 of a per-device stack, from this process (a pmap output's x[0] may be on host 0)."""
   return np.asarray(x.addressable_data(0)[0] if isinstance(x, jax.Array) else x[0])
 
 
