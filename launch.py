@@ -9,9 +9,21 @@ The workdir (default runs/<task>-<attention>-<scale>) holds checkpoints,
 metrics.jsonl, TensorBoard events and results.json. Relaunching a finished run
 prints its results; relaunching an unfinished one resumes it.
 
-Several hosts: start one process per host with --coordinator=HOST:PORT
---num_processes=N --process_id=I (or let the cluster's environment tell JAX, as on
-Cloud TPU or SLURM: --distributed); each reads its own shard of the data.
+Several hosts (GPU or TPU): one process per host, the same command on each, with
+the workdir on a file system every host sees (orbax writes checkpoints collectively;
+only process 0 writes metrics and results). With an explicit coordinator, e.g. two
+GPU hosts, process 0's address and any free port:
+
+  python launch.py --config configs/listops.py:full,paper --workdir /shared/runs/lo \
+      --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=0   # on host 0
+  python launch.py --config configs/listops.py:full,paper --workdir /shared/runs/lo \
+      --coordinator=10.0.0.1:1234 --num_processes=2 --process_id=1   # on host 1
+
+On Cloud TPU pods and SLURM clusters JAX reads these from the environment: run
+`python launch.py --config ... --workdir ... --distributed` on every host (e.g.
+`gcloud compute tpus tpu-vm ssh NAME --worker=all --command="..."` or `srun`).
+data.batch_size is the global batch; each process reads its own shard of the data.
+The same works on one machine with CPU processes (tests/test_distributed.py).
 """
 
 import pathlib

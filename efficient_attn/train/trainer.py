@@ -97,6 +97,29 @@ def build_model(config, task, rngs: nnx.Rngs):
   return models.make_model(kind, **kwargs)
 
 
+def init_state(config, task, axis_name: str | None = None):
+  """The step functions and the initial train state of `config` for `task`.
+
+  Args:
+    config: a ConfigDict with the keys of `configs/base.py`.
+    task: the train split's `Task`.
+    axis_name: pmap's axis name; None under jit with a mesh.
+
+  Returns:
+    (StepFunctions, TrainState) on the host, before any placement.
+  """
+  model = build_model(config, task, nnx.Rngs(config.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  optimizer = steps_lib.make_optimizer(config.train)
+  state = steps_lib.TrainState(
+      step=jnp.int32(0), params=params, rest=rest, opt_state=optimizer.init(params),
+      key=jax.random.key_data(jax.random.key(config.seed + 1)))
+  fns = steps_lib.StepFunctions(graphdef=graphdef, optimizer=optimizer,
+                                causal_lm=task.causal_lm, grad_accum=config.train.grad_accum,
+                                axis_name=axis_name)
+  return fns, state
+
+
 class DataParallel:
   """Places state and batches on every device and compiles the steps for `parallel`."""
 
@@ -119,7 +142,7 @@ class DataParallel:
   def saveable_state(self, state):
     """The state as global replicated arrays, as checkpoints hold it."""
     if self.parallel == 'pmap':
-      return jax.device_put(jax.tree.map(lambda x: x[0], state), self.replicated)
+      return jax.device_put(jax.tree.map(_first_local, state), self.replicated)
     return state
 
   def put_batch(self, batch: dict) -> dict:
@@ -140,8 +163,13 @@ class DataParallel:
   def first(self, tree):
     """Host values of step outputs (pmap outputs are the same on every device)."""
     if self.parallel == 'pmap':
-      tree = jax.tree.map(lambda x: x[0], tree)
+      tree = jax.tree.map(_first_local, tree)
     return jax.device_get(tree)
+
+
+def _first_local(x) -> np.ndarray:
+  """Row 0 of a per-device stack, from this process (a pmap output's x[0] may be on host 0)."""
+  return np.asarray(x.addressable_data(0)[0] if isinstance(x, jax.Array) else x[0])
 
 
 def evaluate(eval_step, parallel: DataParallel, state, task, local_batch: int,
@@ -250,16 +278,8 @@ def train_and_evaluate(config, workdir, devices=None) -> dict:
   causal_lm = data['train'].causal_lm
   local_batch = config.data.batch_size // jax.process_count()
 
-  model = build_model(config, data['train'], nnx.Rngs(config.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  optimizer = steps_lib.make_optimizer(train_config)
-  state = steps_lib.TrainState(
-      step=jnp.int32(0), params=params, rest=rest, opt_state=optimizer.init(params),
-      key=jax.random.key_data(jax.random.key(config.seed + 1)))
   parallel = DataParallel(config.parallel, devices)
-  fns = steps_lib.StepFunctions(graphdef=graphdef, optimizer=optimizer, causal_lm=causal_lm,
-                                grad_accum=train_config.grad_accum,
-                                axis_name=parallel.axis_name)
+  fns, state = init_state(config, data['train'], parallel.axis_name)
   train_step = parallel.compile(steps_lib.make_train_step(fns), donate=True)
   eval_step = parallel.compile(steps_lib.make_eval_step(fns), donate=False)
 
