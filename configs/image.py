@@ -6,6 +6,7 @@ paper: the public LRA code's transformer config (1 layer, emb 128, 8 heads of
 qkv 64, mlp 128, dropout 0.3, learned positions, 35000 steps of batch 256, cosine
 learning rate 5e-4; Transformer 42.44% test accuracy, LRA Table 1); cpu: the
 same model, 3000 steps of batch 64. Needs CIFAR-10 (see `prepare status`).
+(The cpu scale is not measured here: the data cannot be downloaded on this machine.)
 """
 
 from configs import base

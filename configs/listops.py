@@ -4,7 +4,10 @@
 
 paper: the public LRA code's base config (4 layers, emb 512, length 2000, 5000
 steps), which gives the published numbers (Transformer 36.37% test accuracy,
-LRA Table 1); cpu: the 'small' ListOps (100-512 tokens), 2 layers of width 64.
+LRA Table 1); cpu: the 'small' ListOps (100-512 tokens), 2 layers of width 64,
+800 steps of batch 16. Measured (`python launch.py`, full attention, seed 0):
+test accuracy 34.7% (majority class about 17%); validation 17.6% at step 200,
+15.6% at 400, 32.4% at 600, 32.8% at 800.
 """
 
 from configs import base

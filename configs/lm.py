@@ -6,6 +6,7 @@ No LRA counterpart: the sizes are this project's. paper: 6 layers, emb 512,
 8 heads, 1024 bytes, 20000 steps (for accelerators); cpu: 2 layers of width 128,
 256 bytes, 1500 steps. Needs only the interpreter's own library. Causal: only
 mechanisms that support causal attention can be used.
+The cpu scale has not been measured yet.
 """
 
 from configs import base

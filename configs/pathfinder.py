@@ -8,6 +8,7 @@ transformer config (4 layers, emb 32, 4 heads of qkv 16, mlp 32, mean pooling,
 accuracy at 32 px, LRA Table 1; Path-X: no model beat chance). One change: learned
 positions instead of LRA's fixed sinusoids, with which Pathfinder runs stall at
 50% on many seeds. cpu: the same model, 3000 steps of batch 64.
+The cpu scale has not been measured yet.
 """
 
 from configs import base

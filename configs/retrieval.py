@@ -5,6 +5,7 @@
 paper: the public LRA code's base config (4 layers, emb 128, 4000 bytes per
 document, 5000 steps; Transformer 57.46% test accuracy, LRA Table 1); cpu: 512
 bytes per document, 2 layers of width 64. Needs LRA's files (lra_release).
+(The cpu scale is not measured here: the data cannot be downloaded on this machine.)
 """
 
 from configs import base

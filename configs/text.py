@@ -5,6 +5,7 @@
 paper: the public LRA code's base config (4 layers, emb 256, 1000 bytes, 20000
 steps; Transformer 64.27% test accuracy, LRA Table 1); cpu: 512 bytes, 2 layers
 of width 64. Needs the IMDB reviews (see `python -m efficient_attn.data.prepare status`).
+(The cpu scale is not measured here: the data cannot be downloaded on this machine.)
 """
 
 from configs import base
