@@ -1,12 +1,12 @@
-"""The trainer end to end at `tiny` scale: learning, data parallelism, resume, bad input."""
+"""The trainer end to end at `tiny` scale: learning, data parallelism, checkpoints, bad input.
+
+Killing a run and resuming it is tested in test_distributed.py (two processes, SIGKILL, relaunch)."""
 
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -78,6 +78,8 @@ def test_tiny_run_lowers_the_loss(family, prepared_dir, tmp_path):
     assert (tmp_path / 'run' / name).exists()
   assert list((tmp_path / 'run' / 'events').iterdir()), 'TensorBoard events'
   assert results['git_commit'] and results['devices']
+  # A finished run is not run again: its stored results come back.
+  assert train.train_and_evaluate(config, tmp_path / 'run')['test'] == results['test']
 
 
 def test_mesh_and_pmap_over_4_devices_equal_one_device(prepared_dir, tmp_path):
@@ -101,32 +103,6 @@ def launch(workdir, *overrides, config='configs/listops.py:full,tiny', env=None,
              f'--workdir={workdir}', *overrides]
   return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def test_killed_run_resumes_to_the_same_end(prepared_dir, tmp_path, capsys):
-  settings = dict(steps=12, checkpoint_every=2, eval_every=6)
-  config = tiny(listops_config, data_dir=prepared_dir, **settings)
-  train.train_and_evaluate(config, tmp_path / 'whole')  # the 4 devices of launch.py's run
-  overrides = [f'--config.data.data_dir={prepared_dir}'] + [
-      f'--config.train.{key}={value}' for key, value in settings.items()]
-  killed = launch(tmp_path / 'killed', *overrides)
-  checkpoint = tmp_path / 'killed' / 'checkpoints' / '4'
-  deadline = time.time() + 300
-  while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  assert not (tmp_path / 'killed' / 'results.json').exists(), 'killed before the end'
-  resumed = launch(tmp_path / 'killed', *overrides)
-  out, err = resumed.communicate(timeout=300)
-  assert resumed.returncode == 0, err
-  assert 'resumed' in out
-  ends = [json.loads((tmp_path / run / 'results.json').read_text()) for run in ('whole', 'killed')]
-  assert ends[0]['test'] == ends[1]['test']  # bit-identical on CPU
-  assert train_losses(tmp_path / 'whole') == train_losses(tmp_path / 'killed')
-  capsys.readouterr()
-  assert train.train_and_evaluate(config, tmp_path / 'killed')['test'] == ends[1]['test']
-  assert 'is finished; stored results' in capsys.readouterr().out
 
 
 def test_damaged_or_incompatible_checkpoint_is_named(prepared_dir, tmp_path):
