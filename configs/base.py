@@ -96,3 +96,33 @@ TINY_MODEL = {'num_layers': 1, 'emb_dim': 16, 'num_heads': 2, 'qkv_dim': 16, 'ml
 TINY_TRAIN = {'steps': 6, 'warmup_steps': 2, 'learning_rate': 1e-2, 'schedule': 'constant',
               'eval_every': 3, 'eval_batches': 2, 'log_every': 1, 'checkpoint_every': 3}
 TINY_DATA = {'batch_size': 8}
+
+
+def byte_task_config(task: str, attention: str, scale: str, *, paper_seq_len: int,
+                     paper_model: dict, paper_steps: int) -> ml_collections.ConfigDict:
+  """The config of a byte-level LRA task (Text, Retrieval), which differ only at `paper` scale.
+
+  Args:
+    task: 'text' or 'retrieval'.
+    attention: a registered attention name.
+    scale: one of SCALES.
+    paper_seq_len: bytes per document of the public LRA code.
+    paper_model: its model sizes.
+    paper_steps: its training steps (learning rate 0.05, warmup 8000, decay 0.1).
+
+  Returns:
+    The ConfigDict.
+  """
+  if scale == 'paper':
+    return task_config(
+        task=task, attention=attention, scale=scale, seq_len=paper_seq_len, model=paper_model,
+        train={'steps': paper_steps, 'learning_rate': 0.05, 'warmup_steps': 8000,
+               'weight_decay': 0.1, 'grad_clip': 0.0, 'eval_every': 1000,
+               'checkpoint_every': 1000})
+  if scale == 'cpu':
+    return task_config(
+        task=task, attention=attention, scale=scale, seq_len=512, model={},
+        train={'steps': 1500, 'learning_rate': 0.05, 'warmup_steps': 300,
+               'weight_decay': 0.1, 'eval_every': 500, 'eval_batches': 32})
+  return task_config(task=task, attention=attention, scale=scale, seq_len=64,
+                     model=TINY_MODEL, data=TINY_DATA, train=TINY_TRAIN)

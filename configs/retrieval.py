@@ -14,18 +14,8 @@ from configs import base
 def get_config(arg: str | None = None):
   """The Retrieval config for arg 'attention[,scale]' (default 'full,cpu')."""
   attention, scale = base.parse_arg(arg)
-  if scale == 'paper':
-    return base.task_config(
-        task='retrieval', attention=attention, scale=scale, seq_len=4000,
-        model={'num_layers': 4, 'emb_dim': 128, 'num_heads': 4, 'qkv_dim': 128,
-               'mlp_dim': 512},
-        train={'steps': 5000, 'learning_rate': 0.05, 'warmup_steps': 8000,
-               'weight_decay': 0.1, 'grad_clip': 0.0, 'eval_every': 1000,
-               'checkpoint_every': 1000})
-  if scale == 'cpu':
-    return base.task_config(
-        task='retrieval', attention=attention, scale=scale, seq_len=512, model={},
-        train={'steps': 1500, 'learning_rate': 0.05, 'warmup_steps': 300,
-               'weight_decay': 0.1, 'eval_every': 500, 'eval_batches': 32})
-  return base.task_config(task='retrieval', attention=attention, scale=scale, seq_len=64,
-                          model=base.TINY_MODEL, data=base.TINY_DATA, train=base.TINY_TRAIN)
+  return base.byte_task_config(
+      'retrieval', attention, scale, paper_seq_len=4000,
+      paper_model={'num_layers': 4, 'emb_dim': 128, 'num_heads': 4, 'qkv_dim': 128,
+                   'mlp_dim': 512},
+      paper_steps=5000)

@@ -32,15 +32,22 @@ def from_saveable(saved, like):
                       saved, like)
 
 
+def _score(metrics: dict) -> float:
+  return metrics['score']
+
+
 def make_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
-  """The manager of `directory`: the last `keep` checkpoints and the best one."""
+  """The manager of `directory`: the last `keep` checkpoints and the best one.
+
+  `manager.best_step()` is the kept step with the highest score (None if none has one).
+  """
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
-      checkpoint_managers.BestN(get_metric_fn=lambda m: m['score'], n=1,
+      checkpoint_managers.BestN(get_metric_fn=_score, n=1,
                                 keep_checkpoints_without_metrics=False)])
   # best_fn makes orbax store each step's metrics; the policy decides what is kept.
-  options = ocp.CheckpointManagerOptions(create=True, best_fn=lambda m: m['score'],
-                                         best_mode='max', preservation_policy=policy)
+  options = ocp.CheckpointManagerOptions(create=True, best_fn=_score, best_mode='max',
+                                         preservation_policy=policy)
   handlers = {'state': ocp.StandardCheckpointHandler(),
               'data': grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
@@ -54,16 +61,6 @@ def save(manager: ocp.CheckpointManager, step: int, state, iterator,
                             data=grain.checkpoint.CheckpointSave(iterator))
   manager.save(step, args=args, metrics=None if score is None else {'score': float(score)},
                force=True)
-
-
-def best_step(manager: ocp.CheckpointManager) -> int | None:
-  """The kept step with the highest score, or None when no kept step has one."""
-  scored = []
-  for step in manager.all_steps():
-    metrics = manager.metrics(step)
-    if metrics and 'score' in metrics:
-      scored.append((float(metrics['score']), -step, step))
-  return max(scored)[2] if scored else None
 
 
 def _leaves_by_name(tree) -> dict:

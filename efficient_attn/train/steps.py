@@ -36,15 +36,20 @@ class StepFunctions:
   axis_name: str | None = None  # pmap's axis; None under jit with a mesh
 
 
+def example_weights(batch: dict, causal_lm: bool) -> jax.Array:
+  """Float32 weight of each example (each real token for a language model); 0 for padding."""
+  weights = batch['weights'].astype(jnp.float32)
+  if causal_lm:
+    weights = weights[:, None] * batch['mask'].astype(jnp.float32)
+  return weights
+
+
 def example_losses(logits: jax.Array, batch: dict, causal_lm: bool):
   """(loss, correct, weight), per example or per token, of a batch."""
   targets = batch['targets']
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  weights = batch['weights']
-  if causal_lm:
-    weights = weights[:, None] * batch['mask'].astype(jnp.float32)
-  return losses, correct, weights
+  return losses, correct, example_weights(batch, causal_lm)
 
 
 def _global_sum(x, axis_name):
@@ -67,11 +72,8 @@ def make_train_step(fns: StepFunctions) -> Callable:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     if fns.axis_name is not None:
       key = jax.random.fold_in(key, jax.lax.axis_index(fns.axis_name))
-    weights = batch['weights']
-    if fns.causal_lm:
-      weights = weights[:, None] * batch['mask']
-    total_weight = jnp.maximum(_global_sum(jnp.sum(weights.astype(jnp.float32)),
-                                           fns.axis_name), 1.0)
+    weights = example_weights(batch, fns.causal_lm)
+    total_weight = jnp.maximum(_global_sum(jnp.sum(weights), fns.axis_name), 1.0)
     # Gradient accumulation: the batch as `grad_accum` micro-batches, summed by a scan.
     micro = jax.tree.map(
         lambda x: x.reshape((fns.grad_accum, x.shape[0] // fns.grad_accum) + x.shape[1:]),

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import efficient_attn as ea
 from efficient_attn import models
 from efficient_attn.data import make_batches, tasks
+from efficient_attn.metrics import bits_per_byte
 from efficient_attn.train import checkpoints
 from efficient_attn.train import steps as steps_lib
 from efficient_attn.train import writer as writer_lib
@@ -186,7 +187,7 @@ def evaluate(eval_step, parallel: DataParallel, state, task, local_batch: int,
   weight = max(totals['weight'], 1.0)
   metrics = {'loss': totals['loss'] / weight}
   if causal_lm:
-    metrics['bits_per_byte'] = metrics['loss'] / np.log(2)
+    metrics['bits_per_byte'] = bits_per_byte(totals['loss'], weight)
   else:
     metrics['accuracy'] = totals['correct'] / weight
   return metrics
@@ -321,7 +322,7 @@ def train_and_evaluate(config, workdir, devices=None) -> dict:
   manager.wait_until_finished()
   progress.close()
 
-  best = checkpoints.best_step(manager)
+  best = manager.best_step()
   if best is not None and best != train_config.steps:
     state = checkpoints.restore(manager, best, parallel.saveable_state(state))
     state = parallel.put_state(state) if config.parallel == 'pmap' else state
