@@ -1,4 +1,4 @@
-"""Every task config with every attention at `tiny` scale: a model and a traced train step."""
+"""Every task config with every attention at `tiny` scale: a model and a train step."""
 
 import importlib
 
@@ -35,9 +35,26 @@ def tiny_config(name, attention):
   return importlib.import_module(f'configs.{name}').get_config(f'{attention},tiny')
 
 
+def build_state(config, task, compiled: bool):
+  """(step functions, initial train state); abstract shapes unless `compiled`."""
+  made = {}
+
+  def init():
+    made['fns'], state = trainer.init_state(config, task)
+    return state
+
+  # eval_shape traces the initialization without compiling it.
+  state = init() if compiled else jax.eval_shape(init)
+  return made['fns'], state
+
+
+# Every task runs two real steps with full attention; the other pairs are
+# traced (eval_shape: the same shapes and options, forward and backward,
+# without a compilation each; tests/test_models.py runs every attention inside
+# the model).
 @pytest.mark.parametrize('attention', ea.available_attentions())
 @pytest.mark.parametrize('name', CONFIG_FILES)
-def test_tiny_config_builds_and_traces_a_train_step(name, attention):
+def test_tiny_config_builds_and_runs_a_train_step(name, attention):
   config = tiny_config(name, attention)
   task = fake_task(config)
   if task.causal_lm and not ea.attention_class(attention).supports_causal:
@@ -45,20 +62,22 @@ def test_tiny_config_builds_and_traces_a_train_step(name, attention):
       train.check_config(config, num_devices=1)
     return
   train.check_config(config, num_devices=1)
-  made = {}
-
-  def init():
-    made['fns'], state = trainer.init_state(config, task)
-    return state
-
-  # eval_shape traces the initialization and the step without compiling them.
-  state = jax.eval_shape(init)
+  compiled = attention == 'full'
+  fns, state = build_state(config, task, compiled)
   batch = pipeline.read_batch(task, np.arange(config.data.batch_size))
-  new_state, metrics = jax.eval_shape(steps_lib.make_train_step(made['fns']), state, batch)
+  step = steps_lib.make_train_step(fns)
+  new_state, metrics = jax.jit(step)(state, batch) if compiled else jax.eval_shape(
+      step, state, batch)
+  if compiled:  # the warmup's first step has learning rate 0
+    new_state, metrics = jax.jit(step)(new_state, batch)
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
   assert shapes(new_state) == shapes(state)
   assert set(metrics) == {'loss', 'accuracy', 'grad_norm'}
   assert all(m.shape == () for m in metrics.values())
+  if compiled:
+    assert np.isfinite(metrics['loss']) and float(metrics['grad_norm']) > 0
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, new_state.params)
+    assert any(jax.tree.leaves(changed))
 
 
 @pytest.mark.parametrize('name', CONFIG_FILES)
