@@ -212,3 +212,24 @@ def test_errors():
     sinkhorn.sinkhorn_attention(q, k, v, block_len=BLOCK, noise=noise()[:, :, :4])
   with pytest.raises(ValueError, match='needs rngs'):
     ea.make_attention('sinkhorn')
+
+
+def _largest_array(jaxpr) -> int:
+  """The most elements of any value in a jaxpr and the jaxprs inside it."""
+  sizes = [np.prod(v.aval.shape, dtype=int) for eqn in jaxpr.eqns for v in eqn.outvars]
+  for eqn in jaxpr.eqns:
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+          sizes.append(_largest_array(getattr(sub, 'jaxpr', sub)))
+  return max(sizes, default=0)
+
+
+def test_no_quadratic_array_in_forward_or_backward():
+  n, heads = 2048, 2
+  x = jax.ShapeDtypeStruct((1, n, heads, 16), jnp.float32)
+  for causal in (False, True):
+    loss = lambda q, k, v: jnp.sum(sinkhorn.sinkhorn_attention(q, k, v, causal=causal,
+                                                               block_len=32))
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, x, x).jaxpr
+    assert _largest_array(jaxpr) <= heads * n * 2 * 32  # the block x 2 block logits

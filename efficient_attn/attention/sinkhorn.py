@@ -2,13 +2,14 @@
 
 The sequence is cut into blocks of `block_len` tokens (padded to whole
 blocks). A sorting network scores every pair of blocks, R [n_blocks,
-n_blocks] (Section 3.1); Sinkhorn normalisation of exp(R / temperature) in log
-space, `sinkhorn_iters` rounds of row then column normalisation (Eq. 2-3,
-S^k = F_c(F_r(S^{k-1}))), optionally with Gumbel noise added to R (Eq. 4),
-turns it into a soft permutation P. Keys and values are sorted by blocks,
-K_sorted_i = sum_j P_ij K_j (Section 3.2), and each query block attends with one
-softmax over 2 * block_len keys: its own block and its sorted block (the
-paper's combination with local attention). With one block (block_len >= n) P is
+n_blocks] (the paper's "SortNet"); Sinkhorn normalisation of
+exp(R / temperature) in log space, `sinkhorn_iters` rounds of row then column
+normalisation (S^0 = exp(R), S^k = F_c(F_r(S^{k-1}))), optionally with Gumbel
+noise added to R (Gumbel-Sinkhorn, Mena et al. 2018), turns it into a soft
+permutation P. Keys and values are sorted by blocks, K_sorted_i = sum_j P_ij K_j
+(the paper's psi_S), and each query block attends with one softmax over
+2 * block_len keys: its own block and its sorted block (one softmax over both,
+as lucidrains' sinkhorn-transformer does). With one block (block_len >= n) P is
 1 and this is exact attention. Cost O(n * block_len) for the attention plus
 O(n_blocks^2 * block_len * d) for the sort; the attention over blocks is a
 small dense softmax per block (block x 2 * block), differentiated by autodiff.
@@ -27,7 +28,7 @@ validity: its weight on real keys is > 0), so padding never leaks through the
 sorted blocks. The mask marks padded queries too (this is self-attention:
 q_len == kv_len); they are left out of the block means.
 
-Causal (Section 3.3, "Causal Sinkhorn Balancing"): the sorted block of query
+Causal (the paper's "Causal Sinkhorn Balancing"): the sorted block of query
 block i mixes only past blocks j < i, and the local block is causally masked.
 Row i of R uses only the first query of block i (the public LRA code also keeps
 only the first token of each block, `cumsum(...)[:, 0]`), so every query of the
@@ -43,9 +44,9 @@ also what the LRA code runs in causal mode by default (`sort_activation`
 Block 0 has no sorted block.
 
 Other differences from the public LRA code: it sums two separate softmaxes (own
-block and sorted block) where the paper and this module use one softmax over
-both; its default `sort_activation` is a plain softmax over rows (no Sinkhorn
-iterations, no Gumbel noise).
+block and sorted block), which with one block would not be exact attention; its
+default `sort_activation` is a plain softmax over rows (no Sinkhorn iterations,
+no Gumbel noise).
 """
 
 import jax
@@ -56,7 +57,7 @@ from efficient_attn.attention import base
 
 
 def sinkhorn(log_alpha: jax.Array, iters: int, causal: bool = False) -> jax.Array:
-  """The Sinkhorn normalisation of exp(log_alpha) over the last two axes (Eq. 2-3).
+  """The Sinkhorn normalisation of exp(log_alpha) over the last two axes.
 
   Args:
     log_alpha: float32 `[..., n, n]` logits.
@@ -167,7 +168,7 @@ def sinkhorn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     sinkhorn_iters: rounds of Sinkhorn normalisation.
     temperature: the logits R are divided by it before normalisation.
     noise: None, or float32 `[batch, heads, n_blocks, n_blocks]` added to R
-      before dividing (standard Gumbel for Gumbel-Sinkhorn, Eq. 4).
+      before dividing (standard Gumbel noise for Gumbel-Sinkhorn).
     scale: logit scale of the attention, default 1/sqrt(head_dim).
 
   Returns:
