@@ -135,12 +135,11 @@ def test_plain_jit_training_call_warns_and_functional_form_returns_the_update():
   np.testing.assert_array_equal(attn.centroids[...], start)
   graphdef, state = nnx.split(attn)
 
-  def step(state, q):
+  def loss(q, state):  # as the trainer: merged inside the differentiated loss
     module = nnx.merge(graphdef, state)
-    module(q, k, v)
-    return nnx.split(module)[1]
+    return jnp.sum(module(q, k, v)), nnx.split(module)[1]
 
-  state = jax.jit(step)(state, q)
+  _, state = jax.jit(jax.grad(loss, has_aux=True))(q, state)
   every = np.ones(q.shape[:2], bool)
   want = routing.kmeans_update(jnp.asarray(start), [(q, every), (k, every)], attn.decay)
   np.testing.assert_allclose(state['centroids'][...], want, atol=1e-6)

@@ -27,12 +27,12 @@ them; this module averages each batch's means, which needs no count state. The
 update is not differentiated (the routing is discrete; the paper's commitment
 loss is not used). Centroids are `Centroids` state, not `nnx.Param`, so
 optimizers leave them alone; `.eval()` or `deterministic=True` freezes them.
-A training call updates them in place, which works eagerly, under `nnx.jit`,
-and in the functional form (`nnx.merge` inside `jax.jit`, `nnx.split` after, as
+A training call replaces them, which works eagerly, under `nnx.jit`, and in
+the functional form (`nnx.merge` inside the traced loss, `nnx.split` after, as
 the trainer does); under plain `jax.jit` / `jax.grad` / `jax.vmap` of a closure
-over a module built outside, the module's state cannot change (as for
-`nnx.BatchNorm`): the call routes with the current centroids, leaves them
-unchanged and warns.
+over a module built outside, the module's state cannot change (state updates
+need the nnx transforms, as for `nnx.BatchNorm`): the call routes with the
+current centroids, leaves them unchanged and warns.
 
 Centroids are shared by all heads (the public code keeps one set per head)
 and stored with `max_head_dim` coordinates, of which inputs with head_dim d use
@@ -215,7 +215,10 @@ class RoutingAttention(base.Attention):
       query_valid = key_valid if q.shape[1] == k.shape[1] else jnp.ones(q.shape[:2], bool)
       new = kmeans_update(centroids, [(q, query_valid), (k, key_valid)], self.decay)
       try:
-        self.centroids[...] = new
+        # A new Variable rather than an in-place write: the trainer merges the
+        # module inside its loss, where only the module, not the Variables it
+        # was given, belongs to the current trace.
+        self.centroids = Centroids(new)
       except errors.TraceContextError:
         warnings.warn(
             'routing: the k-means centroids cannot be updated under plain jax.jit/grad/vmap '
