@@ -1,6 +1,6 @@
 """Routing attention (Roy et al. 2021, "Efficient Content-Based Sparse Attention with Routing Transformers").
 
-Queries and keys are layer-normalised without scale or bias (Section 4.1,
+Queries and keys are layer-normalised without scale or bias (the paper's
 Algorithm 1) and routed to `num_clusters` centroids shared by both, by dot
 product: each cluster takes its w = ceil(length / num_clusters) nearest queries
 and, separately, its w nearest keys (top-k per cluster, so every cluster holds
@@ -18,14 +18,15 @@ paper's causal language models share QK, which a layer gets here by passing the
 same array as q and k. The public code (google-research `routing_transformer`)
 clusters one array and gathers q, k and v at the same positions.
 
-Online k-means (Section 4.1): while training, each real query and key is
-assigned to its nearest centroid and every centroid that received members
-moves by an exponential moving average towards their mean,
-mu <- decay * mu + (1 - decay) * mean (`decay` 0.999 as in the paper). The public
+Online k-means: while training, each real query and key is assigned to its
+nearest centroid and every centroid that received members moves by an
+exponential moving average towards their mean,
+mu <- decay * mu + (1 - decay) * mean (`decay` 0.999, the public code's). The public
 code keeps moving averages of the sums and the counts separately and divides
 them; this module averages each batch's means, which needs no count state. The
-update is not differentiated (the routing is discrete; the paper's commitment
-loss is not used). Centroids are `Centroids` state, not `nnx.Param`, so
+update is not differentiated (the routing is discrete); the public code's
+commitment loss (beta * |x - mu|^2) is not added, since mechanisms here return
+no auxiliary loss. Centroids are `Centroids` state, not `nnx.Param`, so
 optimizers leave them alone; `.eval()` or `deterministic=True` freezes them.
 A training call replaces them, which works eagerly, under `nnx.jit`, and in
 the functional form (`nnx.merge` inside the traced loss, `nnx.split` after, as
@@ -184,7 +185,7 @@ class RoutingAttention(base.Attention):
   Options: `num_clusters` (each cluster holds ceil(length / num_clusters)
   queries and as many keys; sqrt(length) clusters balance routing and
   attention costs, the paper's choice); `decay` of the centroids' moving
-  average (0.999, the paper's); `max_head_dim`, the largest head_dim the
+  average (0.999, the public code's); `max_head_dim`, the largest head_dim the
   centroids serve. Centroids start as standard normal vectors (the public code
   layer-normalises them, which the first head_dim coordinates of a normal
   vector match in scale). `deterministic=True` or `.eval()` freezes them; the
