@@ -42,6 +42,8 @@ def attention_defaults(attention: str, length: int) -> dict:
       'linformer': {'k': max(4, min(256, length // 4)), 'max_len': length},
       'performer': {'num_features': max(16, min(256, length // 2))},
       'longformer': {'window': max(2, min(128, length // 8))},
+      'sinkhorn': {'block_len': max(4, min(50, length // 8))},
+      'routing': {'num_clusters': max(1, round(length ** 0.5))},
   }
   return table.get(attention, {})
 

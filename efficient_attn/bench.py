@@ -45,6 +45,7 @@ BENCH_OPTIONS = {
     'linformer': {'k': 256},
     'performer': {'num_features': 256},
     'longformer': {'window': 256},
+    'sinkhorn': {'block_len': 50},
     MHA_LINFORMER: {'k': 256},
 }
 
@@ -57,6 +58,9 @@ def bench_options(name: str, length: int) -> dict:
   if name == 'lsh':
     # n / chunk_len buckets, as reformer-pytorch (the paper and trax use twice that).
     options['n_buckets'] = max(2, length // options['chunk_len'] // 2 * 2)
+  if name == 'routing':
+    # sqrt(n) clusters of sqrt(n) tokens, the paper's choice.
+    options['num_clusters'] = max(1, round(length ** 0.5))
   return options
 
 

@@ -18,6 +18,8 @@ SMALL_OPTIONS = {
     'linformer': {'max_len': LENGTH, 'k': 8},
     'performer': {'num_features': 16},
     'longformer': {'window': 4},
+    'sinkhorn': {'block_len': 8, 'gumbel_noise': True},
+    'routing': {'num_clusters': 4},
 }
 NAMES = ea.available_attentions()
 # Keys 0..19 of row 0 and 0..9 of row 1 are real.
