@@ -481,6 +481,10 @@ class ReversibleStack(nnx.Module):
     self.blocks = nnx.List([ReversibleBlock(features, num_heads, mlp_dim, rngs=rngs,
                                             **block_options) for _ in range(num_layers)])
     self.deterministic = False
+    # Whether a call needs keys: dropout or a random attention somewhere in a block.
+    self.needs_keys = any(isinstance(m, base.RandomAttention) or
+                      (isinstance(m, nnx.Dropout) and m.rate > 0)
+                      for _, m in nnx.iter_modules(self.blocks[0]))
     self.rngs = base.random_stream(rngs, ('dropout',) + base.RANDOM_STREAMS)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, causal: bool = False,
@@ -494,14 +498,15 @@ class ReversibleStack(nnx.Module):
       deterministic: True for no dropout and the attentions' fixed random state;
         None for this module's setting (`.eval()` / `.train()`).
       rngs: None (the module's own stream), a jax key or an `nnx.Rngs`; one key
-        is drawn from it and split into one key per block.
+        is drawn from it and split into one key per block (none without dropout
+        or random attention).
 
     Returns:
       `[batch, length, features]`.
     """
     deterministic = self.deterministic if deterministic is None else deterministic
     keys = None
-    if not deterministic:
+    if self.needs_keys and not deterministic:
       key = self.rngs() if rngs is None else base.as_key(rngs, ('dropout',) +
                                                          base.RANDOM_STREAMS)
       keys = jax.random.split(key, len(self.blocks))

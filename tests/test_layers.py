@@ -249,11 +249,15 @@ def test_reversible_gradients_equal_ordinary_autodiff():
   # Another key gives other dropout masks and rotations.
   other = grads(stack, x, mask, jax.random.key(2), False)
   assert not np.allclose(other[1][1], dx, atol=1e-3)
+  # .eval() needs no key, also under plain jax.jit.
+  stack.eval()
+  np.testing.assert_array_equal(jax.jit(lambda x: stack(x, mask))(x),
+                                jax.jit(lambda x: stack(x, mask, deterministic=True))(x))
 
 
 def test_reversible_stack_follows_the_reformer_formula():
   stack = layers.ReversibleStack(1, 32, 4, 48, attention_options={'backend': 'dense'},
-                                 dropout_rate=0.3, rngs=nnx.Rngs(0))
+                                 rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(11), (2, 10, 32))
   mask = jnp.arange(10)[None] < jnp.array([[10], [6]])
   block = stack.blocks[0]
@@ -264,13 +268,11 @@ def test_reversible_stack_follows_the_reformer_formula():
     y1 = x + block.attention(block.attention_norm(x), mask=mask)
     mlp = block.mlp
     y2 = x + mlp.out(jax.nn.gelu(mlp.hidden(block.mlp_norm(y1))))
-    return stack(x, mask, deterministic=True), (y1 + y2) / 2
+    # Training mode without keys: nothing is random here.
+    return stack(x, mask), (y1 + y2) / 2
 
   got, want = got_and_want(x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  # .eval() needs no key, also under plain jax.jit.
-  stack.eval()
-  np.testing.assert_allclose(jax.jit(lambda x: stack(x, mask))(x), got, rtol=1e-6, atol=1e-6)
 
 
 def test_reversible_sequence_needs_blocks_of_one_structure():
