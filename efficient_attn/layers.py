@@ -1,5 +1,7 @@
 """Layers built on the attention registry: MultiHeadAttention, FeedForward,
-TransformerBlock and positional encodings."""
+TransformerBlock, ReversibleBlock (and its stack) and positional encodings."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -196,29 +198,68 @@ class MultiHeadAttention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """The position-wise MLP of a Transformer block: Dense -> gelu -> dropout -> Dense."""
+  """The position-wise MLP of a Transformer block: Dense -> gelu -> dropout -> Dense.
+
+  With `chunk_size`, positions go through the MLP `chunk_size` at a time (Reformer,
+  Kitaev et al. 2020, sec. 3 "Chunking"), each chunk under `jax.checkpoint`, so the
+  `[length, mlp_dim]` hidden activation is never whole in the forward or the
+  backward pass (the backward recomputes each chunk's hidden activation). The
+  result is the unchunked one; dropout inside the MLP then draws one mask per
+  chunk (from the call's key folded with the chunk index) instead of one for all.
+  """
 
   def __init__(self, features: int, mlp_dim: int, *, dropout_rate: float = 0.0,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               chunk_size: int | None = None, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     """Builds the two projections.
 
     Args:
       features: size of the input and output features.
       mlp_dim: size of the hidden layer.
       dropout_rate: dropout on the hidden activations.
+      chunk_size: None for all positions at once, else positions per chunk.
       dtype: computation dtype (default: that of the inputs).
       param_dtype: parameter dtype.
       rngs: random streams for parameters and dropout.
     """
     base.check_positive_int('mlp_dim', mlp_dim)
+    if chunk_size is not None:
+      base.check_positive_int('chunk_size (ff_chunk_size)', chunk_size)
+    self.chunk_size = chunk_size
     self.hidden = nnx.Linear(features, mlp_dim, dtype=dtype, param_dtype=param_dtype,
                              rngs=rngs)
     self.dropout = make_dropout('dropout_rate', dropout_rate, rngs)
     self.out = nnx.Linear(mlp_dim, features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
-    """`[..., features]` -> `[..., features]`; `deterministic` and `rngs` as in `nnx.Dropout`."""
+    """`[..., length, features]` -> the same shape; `deterministic` and `rngs` as in
+    `nnx.Dropout`."""
+    if self.chunk_size is None or x.shape[-2] <= self.chunk_size:
+      return self.mlp(x, deterministic=deterministic, rngs=rngs)
+    length = x.shape[-2]
+    dropout = self.dropout
+    if dropout.rate and not (dropout.deterministic if deterministic is None else deterministic):
+      # One key drawn here, outside the loop, where the module's stream may advance.
+      rngs = dropout.rngs() if rngs is None else base.as_key(rngs, ('dropout',) +
+                                                             base.RANDOM_STREAMS)
+    else:
+      rngs = None
+    chunks = base.pad_axis(x, x.ndim - 2, self.chunk_size)
+    chunks = chunks.reshape(*x.shape[:-2], -1, self.chunk_size, x.shape[-1])
+    chunks = jnp.moveaxis(chunks, -3, 0)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_mlp(inputs):
+      index, chunk = inputs
+      key = None if rngs is None else jax.random.fold_in(rngs, index)
+      return self.mlp(chunk, deterministic=deterministic, rngs=key)
+
+    y = jax.lax.map(chunk_mlp, (jnp.arange(chunks.shape[0]), chunks))
+    y = jnp.moveaxis(y, 0, -3).reshape(*x.shape[:-2], -1, y.shape[-1])
+    return y[..., :length, :]
+
+  def mlp(self, x: jax.Array, *, deterministic: bool | None = None, rngs=None) -> jax.Array:
+    """The MLP on all positions of `x` at once."""
     h = jax.nn.gelu(self.hidden(x))
     return self.out(self.dropout(h, deterministic=deterministic, rngs=rngs))
 
@@ -234,8 +275,8 @@ class TransformerBlock(nnx.Module):
                qkv_features: int | None = None, dropout_rate: float = 0.0,
                attention_dropout_rate: float = 0.0, attention: str = 'full',
                attention_options: dict | None = None, rotary: bool = False,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               ff_chunk_size: int | None = None, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     """Builds the norms, the attention and the MLP.
 
     Args:
@@ -248,6 +289,7 @@ class TransformerBlock(nnx.Module):
       attention: name of a registered mechanism, see `available_attentions()`.
       attention_options: options of that mechanism.
       rotary: rotary position embeddings on queries and keys.
+      ff_chunk_size: None, or positions per chunk of the MLP (see `FeedForward`).
       dtype: computation dtype (default: that of the inputs).
       param_dtype: parameter dtype.
       rngs: random streams for parameters, dropout and random features.
@@ -260,7 +302,8 @@ class TransformerBlock(nnx.Module):
         rotary=rotary, **layer_options)
     self.attention_dropout = make_dropout('dropout_rate', dropout_rate, rngs)
     self.mlp_norm = nnx.LayerNorm(features, **layer_options)
-    self.mlp = FeedForward(features, mlp_dim, dropout_rate=dropout_rate, **layer_options)
+    self.mlp = FeedForward(features, mlp_dim, dropout_rate=dropout_rate,
+                           chunk_size=ff_chunk_size, **layer_options)
     self.mlp_dropout = make_dropout('dropout_rate', dropout_rate, rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, causal: bool = False,
@@ -281,12 +324,195 @@ class TransformerBlock(nnx.Module):
     Returns:
       `[batch, length, features]`.
     """
-    keys = split_rngs(rngs, 4)
+    attention_rngs, mlp_rngs = split_rngs(rngs, 2)
+    x = x + self.attention_branch(x, mask, causal=causal, deterministic=deterministic,
+                                  rngs=attention_rngs, **attention_kwargs)
+    return x + self.mlp_branch(x, deterministic=deterministic, rngs=mlp_rngs)
+
+  def attention_branch(self, x: jax.Array, mask: jax.Array | None = None, *,
+                       causal: bool = False, deterministic: bool | None = None, rngs=None,
+                       **attention_kwargs) -> jax.Array:
+    """The attention residual branch, dropout(attention(norm(x))); arguments as `__call__`."""
+    attention_rngs, dropout_rngs = split_rngs(rngs, 2)
     y = self.attention(self.attention_norm(x), mask=mask, causal=causal,
-                       deterministic=deterministic, rngs=keys[0], **attention_kwargs)
-    x = x + self.attention_dropout(y, deterministic=deterministic, rngs=keys[1])
-    y = self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=keys[2])
-    return x + self.mlp_dropout(y, deterministic=deterministic, rngs=keys[3])
+                       deterministic=deterministic, rngs=attention_rngs, **attention_kwargs)
+    return self.attention_dropout(y, deterministic=deterministic, rngs=dropout_rngs)
+
+  def mlp_branch(self, x: jax.Array, *, deterministic: bool | None = None,
+                 rngs=None) -> jax.Array:
+    """The MLP residual branch, dropout(mlp(norm(x))); arguments as `__call__`."""
+    mlp_rngs, dropout_rngs = split_rngs(rngs, 2)
+    y = self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=mlp_rngs)
+    return self.mlp_dropout(y, deterministic=deterministic, rngs=dropout_rngs)
+
+
+class ReversibleBlock(TransformerBlock):
+  """A reversible residual block (RevNet, Gomez et al. 2017, eq. 1-2; Reformer, Kitaev
+  et al. 2020, sec. 3) on two streams of activations (x1, x2):
+
+    y1 = x1 + Attention(x2),  y2 = x2 + FeedForward(y1),
+
+  where Attention and FeedForward are `TransformerBlock`'s two residual branches
+  (pre-LayerNorm, dropout at the end). The inputs follow from the outputs,
+  x2 = y2 - FeedForward(y1) and x1 = y1 - Attention(x2), which is what
+  `reversible_sequence` uses to backpropagate without storing activations.
+  Arguments of the constructor are those of `TransformerBlock`.
+  """
+
+  def __call__(self, x1: jax.Array, x2: jax.Array, mask: jax.Array | None = None, *,
+               causal: bool = False, deterministic: bool | None = None,
+               rngs=None) -> tuple[jax.Array, jax.Array]:
+    """(x1, x2) -> (y1, y2), each `[batch, length, features]`; other arguments as in
+    `TransformerBlock`."""
+    attention_rngs, mlp_rngs = split_rngs(rngs, 2)
+    y1 = x1 + self.attention_branch(x2, mask, causal=causal, deterministic=deterministic,
+                                    rngs=attention_rngs)
+    y2 = x2 + self.mlp_branch(y1, deterministic=deterministic, rngs=mlp_rngs)
+    return y1, y2
+
+
+def reversible_sequence(blocks, x1: jax.Array, x2: jax.Array, mask: jax.Array | None,
+                        keys: jax.Array | None, *, causal: bool,
+                        deterministic: bool) -> tuple[jax.Array, jax.Array]:
+  """Applies `ReversibleBlock`s in order, with a backward pass that stores no activations.
+
+  The backward pass (Gomez et al. 2017, Algorithm 1) walks the blocks from the
+  last one, rebuilding each block's inputs from its outputs while it recomputes
+  the two branches under `jax.vjp`; only the final outputs are kept from the
+  forward pass, so activation memory does not grow with the number of blocks.
+  The blocks' parameters, stacked along a new leading axis, enter the custom VJP
+  as explicit arguments (`nnx.split`), and both passes are `lax.scan`s over
+  them, which keeps one block's recomputation alive at a time (an unrolled loop
+  lets XLA schedule all recomputations first). Each block gets the same key in
+  the forward pass and the recomputation, so dropout and random attention parts
+  are redrawn identically. The rebuilt inputs equal the real ones up to
+  rounding, so gradients match ordinary autodiff to float tolerance (in float32;
+  in bfloat16 the rounding accumulates over depth).
+
+  Args:
+    blocks: a sequence of `ReversibleBlock`s of one structure (same options).
+    x1: first stream `[batch, length, features]`.
+    x2: second stream, same shape.
+    mask: None or bool `[batch, length]`, True for real tokens.
+    keys: None (deterministic), or one typed key per block `[len(blocks)]`.
+    causal: position i attends to positions <= i only.
+    deterministic: True for no dropout and the attentions' fixed random state.
+
+  Returns:
+    The last block's (y1, y2).
+  """
+  graphdefs, params, rest = zip(*(nnx.split(block, nnx.Param, ...) for block in blocks))
+  if any(graphdef != graphdefs[0] for graphdef in graphdefs):
+    raise ValueError('reversible_sequence needs blocks of one structure (the same options)')
+  graphdef = graphdefs[0]
+  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+  options = dict(causal=causal, deterministic=deterministic)
+
+  def forward(mask, carry, layer):
+    (x1, x2), (params, rest, key) = carry, layer
+    block = nnx.merge(graphdef, params, rest)
+    y = block(x1, x2, mask, rngs=key, **options)
+    after = jax.tree.leaves(nnx.state(block, nnx.Not(nnx.Param)))
+    if any(a is not b for a, b in zip(jax.tree.leaves(rest), after)):
+      raise ValueError(
+          'a reversible block changed its non-parameter state (e.g. a running average or '
+          'an rng stream), which its recomputation cannot reproduce; use reversible=False '
+          'with this attention')
+    return y, None
+
+  def backward(mask, carry, layer):
+    (y1, y2, dy1, dy2), (params, rest, key) = carry, layer
+    merged = lambda p: nnx.merge(graphdef, p, rest)
+    attention_rngs, mlp_rngs = split_rngs(key, 2)
+    mlp = lambda p, y1: merged(p).mlp_branch(y1, deterministic=deterministic, rngs=mlp_rngs)
+    attention = lambda p, x2: merged(p).attention_branch(x2, mask, rngs=attention_rngs,
+                                                         **options)
+    g, mlp_vjp = jax.vjp(mlp, params, y1)
+    x2 = y2 - g
+    dmlp, dy1_through_mlp = mlp_vjp(dy2)
+    dy1 = dy1 + dy1_through_mlp
+    f, attention_vjp = jax.vjp(attention, params, x2)
+    x1 = y1 - f
+    dattention, dx2 = attention_vjp(dy1)
+    return (x1, x2, dy1, dy2 + dx2), jax.tree.map(jnp.add, dmlp, dattention)
+
+  @jax.custom_vjp
+  def run(params, rest, x1, x2, mask, keys):
+    return jax.lax.scan(functools.partial(forward, mask), (x1, x2), (params, rest, keys))[0]
+
+  def run_forward(params, rest, x1, x2, mask, keys):
+    y = run(params, rest, x1, x2, mask, keys)
+    return y, (params, rest, y, mask, keys)
+
+  def run_backward(residuals, cotangents):
+    params, rest, y, mask, keys = residuals
+    (_, _, dx1, dx2), dparams = jax.lax.scan(
+        functools.partial(backward, mask), (*y, *cotangents), (params, rest, keys),
+        reverse=True)
+    return dparams, None, dx1, dx2, None, None
+
+  run.defvjp(run_forward, run_backward)
+  return run(stack(params), stack(rest), x1, x2, mask, keys)
+
+
+class ReversibleStack(nnx.Module):
+  """`ReversibleBlock`s on two copies of the input, their two output streams averaged.
+
+  As the Reformer encoder of trax (`tl.Dup()`, `tl.ReversibleSerial`, then the
+  mean of both streams) and reformer-pytorch (input concatenated with itself,
+  then the mean of the halves): each stream has the full feature size, and
+  the average keeps it, so the stack replaces a list of `TransformerBlock`s
+  in place. Backward as `reversible_sequence`.
+  """
+
+  def __init__(self, num_layers: int, features: int, num_heads: int, mlp_dim: int, *,
+               rngs: nnx.Rngs, **block_options):
+    """Builds the blocks.
+
+    Args:
+      num_layers: number of blocks.
+      features: size of the input and output features.
+      num_heads: number of attention heads.
+      mlp_dim: size of the MLP's hidden layer.
+      rngs: random streams for parameters, dropout and random attention parts.
+      **block_options: the other arguments of `TransformerBlock`.
+    """
+    base.check_positive_int('num_layers', num_layers)
+    self.blocks = nnx.List([ReversibleBlock(features, num_heads, mlp_dim, rngs=rngs,
+                                            **block_options) for _ in range(num_layers)])
+    self.deterministic = False
+    # Whether a call needs keys: dropout or a random attention somewhere in a block.
+    self.needs_keys = any(isinstance(m, base.RandomAttention) or
+                      (isinstance(m, nnx.Dropout) and m.rate > 0)
+                      for _, m in nnx.iter_modules(self.blocks[0]))
+    self.rngs = base.random_stream(rngs, ('dropout',) + base.RANDOM_STREAMS)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, causal: bool = False,
+               deterministic: bool | None = None, rngs=None) -> jax.Array:
+    """Applies the blocks to a sequence.
+
+    Args:
+      x: `[batch, length, features]`.
+      mask: None or bool `[batch, length]`, True for real (non-padding) tokens.
+      causal: position i attends to positions <= i only.
+      deterministic: True for no dropout and the attentions' fixed random state;
+        None for this module's setting (`.eval()` / `.train()`).
+      rngs: None (the module's own stream), a jax key or an `nnx.Rngs`; one key
+        is drawn from it and split into one key per block (none without dropout
+        or random attention).
+
+    Returns:
+      `[batch, length, features]`.
+    """
+    deterministic = self.deterministic if deterministic is None else deterministic
+    keys = None
+    if self.needs_keys and not deterministic:
+      key = self.rngs() if rngs is None else base.as_key(rngs, ('dropout',) +
+                                                         base.RANDOM_STREAMS)
+      keys = jax.random.split(key, len(self.blocks))
+    y1, y2 = reversible_sequence(list(self.blocks), x, x, mask, keys, causal=causal,
+                                 deterministic=deterministic)
+    return (y1 + y2) / 2
 
 
 class PositionalEncoding(nnx.Module):

@@ -33,17 +33,17 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 class Encoder(nnx.Module):
-  """Token embedding, positional encoding, dropout, TransformerBlocks and a final LayerNorm,
-  optionally pooled to one vector per example."""
+  """Token embedding, positional encoding, dropout, TransformerBlocks (or a
+  ReversibleStack) and a final LayerNorm, optionally pooled to one vector per example."""
 
   def __init__(self, *, vocab_size: int, max_len: int, num_layers: int = 2,
                emb_dim: int = 128, num_heads: int = 4, qkv_dim: int | None = None,
                mlp_dim: int = 512, dropout_rate: float = 0.1,
                attention_dropout_rate: float = 0.1, attention: str = 'full',
                attention_options: dict | None = None, pos_encoding: str = 'sinusoidal',
-               pooling: str | None = None, causal: bool = False,
-               dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               pooling: str | None = None, causal: bool = False, reversible: bool = False,
+               ff_chunk_size: int | None = None, dtype: jnp.dtype | None = None,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     """Builds the encoder; errors in the arguments raise ValueError here.
 
     Args:
@@ -69,6 +69,11 @@ class Encoder(nnx.Module):
         tokens) or 'cls' (the output of a learned CLS token, prepended to the
         embedded sequence without a position).
       causal: each position attends to itself and earlier positions only.
+      reversible: `layers.ReversibleStack` instead of TransformerBlocks (Reformer):
+        activation memory that does not grow with num_layers, for about one
+        more forward pass of compute in the backward pass.
+      ff_chunk_size: None, or positions per chunk of the MLPs (see
+        `layers.FeedForward`).
       dtype: computation dtype, e.g. jnp.bfloat16 (default: float32 from the
         float32 embeddings).
       param_dtype: parameter dtype.
@@ -87,6 +92,7 @@ class Encoder(nnx.Module):
       raise ValueError(f'qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}')
     base.check_choice('pooling', pooling, (None,) + POOLINGS)
     base.check_choice('causal', causal, (False, True))
+    base.check_choice('reversible', reversible, (False, True))
     if causal and not base.attention_class(attention).supports_causal:
       can = [name for name in base.available_attentions()
              if base.attention_class(name).supports_causal]
@@ -107,13 +113,19 @@ class Encoder(nnx.Module):
     self.cls = (nnx.Param(init(rngs.params(), (emb_dim,), param_dtype))
                 if pooling == 'cls' else None)
     self.dropout = layers.make_dropout('dropout_rate', dropout_rate, rngs)
-    self.blocks = nnx.List([
-        layers.TransformerBlock(
-            emb_dim, num_heads, mlp_dim, qkv_features=qkv_dim, dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate, attention=attention,
-            attention_options=attention_options, rotary=pos_encoding == 'rotary',
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(num_layers)])
+    block_options = dict(
+        qkv_features=qkv_dim, dropout_rate=dropout_rate,
+        attention_dropout_rate=attention_dropout_rate, attention=attention,
+        attention_options=attention_options, rotary=pos_encoding == 'rotary',
+        ff_chunk_size=ff_chunk_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.reversible = reversible
+    if reversible:
+      self.blocks = layers.ReversibleStack(num_layers, emb_dim, num_heads, mlp_dim,
+                                           **block_options)
+    else:
+      self.blocks = nnx.List([layers.TransformerBlock(emb_dim, num_heads, mlp_dim,
+                                                      **block_options)
+                              for _ in range(num_layers)])
     self.norm = nnx.LayerNorm(emb_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, inputs: jax.Array, mask: jax.Array | None = None, *,
@@ -146,15 +158,19 @@ class Encoder(nnx.Module):
     if mask.shape != (batch, length) or mask.dtype != jnp.bool_:
       raise ValueError(f'mask must be bool [batch, length] = {(batch, length)}, '
                        f'got {mask.dtype} {mask.shape}')
-    keys = layers.split_rngs(rngs, len(self.blocks) + 1)
+    dropout_rngs, block_rngs = layers.split_rngs(rngs, 2)
     x = self.positions(x)
     if self.cls is not None:
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (batch, 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
       mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
-    x = self.dropout(x, deterministic=deterministic, rngs=keys[0])
-    for block, key in zip(self.blocks, keys[1:]):
-      x = block(x, mask, causal=self.causal, deterministic=deterministic, rngs=key)
+    x = self.dropout(x, deterministic=deterministic, rngs=dropout_rngs)
+    if self.reversible:
+      x = self.blocks(x, mask, causal=self.causal, deterministic=deterministic,
+                      rngs=block_rngs)
+    else:
+      for block, key in zip(self.blocks, layers.split_rngs(block_rngs, len(self.blocks))):
+        x = block(x, mask, causal=self.causal, deterministic=deterministic, rngs=key)
     x = self.norm(x)
     if self.pooling == 'cls':
       return x[:, 0]
@@ -198,7 +214,7 @@ class Classifier(nnx.Module):
       **encoder_options: the arguments of `Encoder` (vocab_size, max_len,
         num_layers, emb_dim, num_heads, qkv_dim, mlp_dim, dropout_rate,
         attention_dropout_rate, attention, attention_options, pos_encoding,
-        dtype, param_dtype).
+        reversible, ff_chunk_size, dtype, param_dtype).
     """
     base.check_choice('pooling', pooling, POOLINGS)
     self.encoder = Encoder(pooling=pooling, rngs=rngs, **encoder_options)

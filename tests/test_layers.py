@@ -1,6 +1,8 @@
-"""MultiHeadAttention: projections around any registered attention, Linen interop."""
+"""Layers: MultiHeadAttention (any attention, Linen interop), Transformer and reversible
+blocks, chunked feed-forward, positional encodings."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -215,3 +217,98 @@ def test_rotary_reaches_shared_qk_lsh_through_the_queries():
 
   got, want = got_and_want(x)
   np.testing.assert_allclose(got, want + mha.out.bias[...], rtol=1e-5, atol=1e-5)
+
+
+def stack_loss(stack, x, mask, key, reference=False):
+  """sum(output^2) of a ReversibleStack, through its own backward pass or, with
+  `reference`, the same blocks in a plain loop under ordinary autodiff."""
+  if not reference:
+    y = stack(x, mask, causal=True, rngs=key)
+  else:
+    x1 = x2 = x
+    for block, block_key in zip(stack.blocks, jax.random.split(key, len(stack.blocks))):
+      x1, x2 = block(x1, x2, mask, causal=True, deterministic=False, rngs=block_key)
+    y = (x1 + x2) / 2
+  return jnp.sum(y ** 2)
+
+
+def test_reversible_gradients_equal_ordinary_autodiff():
+  # LSH attention and dropout: random parts that the recomputation must redraw alike.
+  stack = layers.ReversibleStack(3, 32, 4, 48, dropout_rate=0.2, attention_dropout_rate=0.1,
+                                 attention='lsh', attention_options={'chunk_len': 4},
+                                 rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(10), (2, 16, 32))
+  mask = jnp.arange(16)[None] < jnp.array([[16], [11]])
+  grads = jax.jit(nnx.value_and_grad(stack_loss, argnums=(0, 1)), static_argnums=4)
+  (loss, (dparams, dx)), (want_loss, (want_dparams, want_dx)) = (
+      grads(stack, x, mask, jax.random.key(1), reference) for reference in (False, True))
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  assert not np.allclose(dx, 0)
+  for got, want in zip(jax.tree.leaves((dparams, dx)), jax.tree.leaves((want_dparams, want_dx))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + 1e-6)
+  # Another key gives other dropout masks and rotations.
+  other = grads(stack, x, mask, jax.random.key(2), False)
+  assert not np.allclose(other[1][1], dx, atol=1e-3)
+  # .eval() needs no key, also under plain jax.jit.
+  stack.eval()
+  np.testing.assert_array_equal(jax.jit(lambda x: stack(x, mask))(x),
+                                jax.jit(lambda x: stack(x, mask, deterministic=True))(x))
+
+
+def test_reversible_stack_follows_the_reformer_formula():
+  stack = layers.ReversibleStack(1, 32, 4, 48, attention_options={'backend': 'dense'},
+                                 rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(11), (2, 10, 32))
+  mask = jnp.arange(10)[None] < jnp.array([[10], [6]])
+  block = stack.blocks[0]
+
+  @jax.jit
+  def got_and_want(x):
+    # Two copies of x; y1 = x1 + attention(norm(x2)), y2 = x2 + mlp(norm(y1)); their mean.
+    y1 = x + block.attention(block.attention_norm(x), mask=mask)
+    mlp = block.mlp
+    y2 = x + mlp.out(jax.nn.gelu(mlp.hidden(block.mlp_norm(y1))))
+    # Training mode without keys: nothing is random here.
+    return stack(x, mask), (y1 + y2) / 2
+
+  got, want = got_and_want(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reversible_sequence_needs_blocks_of_one_structure():
+  blocks = [layers.ReversibleBlock(8, 2, mlp_dim, rngs=nnx.Rngs(0)) for mlp_dim in (16, 24)]
+  x = jnp.zeros((1, 4, 8))
+  with pytest.raises(ValueError, match='blocks of one structure'):
+    layers.reversible_sequence(blocks, x, x, None, None, causal=False, deterministic=True)
+
+
+def array_sizes(jaxpr) -> list[int]:
+  """Sizes of every array in a closed jaxpr, inner jaxprs (scan, checkpoint) included."""
+  sizes = []
+  for eqn in jaxpr.eqns:
+    sizes += [int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, 'shape')]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      sizes += array_sizes(sub)
+  return sizes
+
+
+def test_chunked_feed_forward_equals_unchunked_and_never_holds_the_whole_hidden_layer():
+  chunked = layers.FeedForward(16, 48, chunk_size=8, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  whole = layers.FeedForward(16, 48, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(12), (2, 37, 16))  # 37: the last chunk is padded
+  loss = lambda ff, x: jnp.sum(ff(x, deterministic=True) ** 2)
+  grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+  (got, got_grads), (want, want_grads) = grads(chunked, x), grads(whole, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Forward and backward hold at most a chunk of the [2, 37, 48] hidden activation.
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x: loss(chunked, x)))(x)
+  assert max(array_sizes(jaxpr.jaxpr)) < 2 * 37 * 48
+  # Dropout: reproducible from the call's key.
+  train = jax.jit(lambda x, key: chunked(x, rngs=key))
+  np.testing.assert_array_equal(train(x, jax.random.key(1)), train(x, jax.random.key(1)))
+  dropped = np.asarray(train(x, jax.random.key(1)))
+  assert not np.allclose(dropped, chunked(x, deterministic=True), atol=1e-3)
+  with pytest.raises(ValueError, match=r'chunk_size \(ff_chunk_size\) must be a positive int'):
+    layers.FeedForward(16, 48, chunk_size=0, rngs=nnx.Rngs(0))

@@ -200,6 +200,10 @@ def test_task_kind_picks_the_model():
      r"attention='linformer' cannot be causal, which this model needs; allowed: 'full'"),
     ('classification', dict(attention='nope'), r"unknown attention 'nope'; available: full"),
     ('classification', dict(dropout_rate=1.0), r'dropout_rate must be in \[0, 1\)'),
+    ('classification', dict(reversible='yes'),
+     r"reversible='yes' is not supported; allowed: False, True"),
+    ('classification', dict(ff_chunk_size=0),
+     r'chunk_size \(ff_chunk_size\) must be a positive int, got 0'),
     ('classifier', {}, r"task_kind='classifier' is not supported; allowed: 'classification'"),
 ])
 def test_bad_construction_raises(kind, kwargs, message):
@@ -220,3 +224,43 @@ def test_bad_batch_raises():
   with pytest.raises(ValueError, match='inputs1 and inputs2 must have one shape'):
     dual({'inputs1': jnp.ones((2, 16), jnp.int32), 'mask1': mask[:, :16],
           'inputs2': jnp.ones((2, 8), jnp.int32), 'mask2': mask[:, :8]})
+
+
+def test_reversible_model_trains_under_nnx_jit_and_jax_jit_alike():
+  kind = 'classification'
+  model = make(kind, reversible=True, ff_chunk_size=8, num_layers=2)
+  batch = toy_batch(kind)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def functional_grads(params, rest, key):
+    return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, key))(params)
+
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, key):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, batch, key)
+    optimizer.update(model, grads)
+    return loss, grads
+
+  want = functional_grads(params, rest, jax.random.key(0))
+  losses = []
+  for i in range(20):
+    loss, grads = train_step(model, optimizer, jax.random.key(i))
+    losses.append(float(loss))
+    if i == 0:
+      for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_reversible_language_model_sees_no_future_token():
+  lm = make('causal_lm', reversible=True, num_layers=2)
+  inputs = tokens(jax.random.key(6), (1, 16))
+  mask = jnp.arange(16)[None] < 14
+  x = lm.encoder.embed(inputs)
+  t = 6
+  logits = lambda x: lm.logits(lm.encoder.encode(x, mask, rngs=jax.random.key(0)))
+  dx = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(logits(x)[:, t] ** 2)))(x))
+  assert np.all(dx[:, t + 1:] == 0) and np.any(dx[:, t] != 0)
