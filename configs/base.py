@@ -77,6 +77,7 @@ def task_config(*, task: str, attention: str, scale: str, seq_len: int, model: d
       'num_layers': 2, 'emb_dim': 64, 'num_heads': 4, 'qkv_dim': 64, 'mlp_dim': 128,
       'dropout_rate': 0.1, 'attention_dropout_rate': 0.1,
       'pos_encoding': 'sinusoidal', 'pooling': 'cls', 'dtype': 'float32',
+      'reversible': False, 'ff_chunk_size': config_dict.placeholder(int),
       **model}
   # A CLS token is one more position for the attention.
   length = seq_len + (model['pooling'] == 'cls')

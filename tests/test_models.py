@@ -20,7 +20,10 @@ OPTIONS = {'lsh': {'chunk_len': 8, 'n_buckets': 4}, 'linformer': {'max_len': 33,
 # Padding invariance is exact math for every mechanism: float32 rounding only. LSH
 # gets one chunk there: with several, the first chunk looks back to the last one,
 # which padding changes (a property of chunked LSH, not of the padding mask).
-PADDING_OPTIONS = dict(OPTIONS, lsh={'chunk_len': 32, 'n_buckets': 4})
+# Routing gets one cluster for the same reason: a cluster holds ceil(length /
+# num_clusters) tokens, so appended padding changes which tokens share one.
+PADDING_OPTIONS = dict(OPTIONS, lsh={'chunk_len': 32, 'n_buckets': 4},
+                       routing={'num_clusters': 1})
 
 
 def tokens(key, shape):

@@ -91,7 +91,8 @@ def build_model(config, task, rngs: nnx.Rngs):
       emb_dim=m.emb_dim, num_heads=m.num_heads, qkv_dim=m.qkv_dim, mlp_dim=m.mlp_dim,
       dropout_rate=m.dropout_rate, attention_dropout_rate=m.attention_dropout_rate,
       attention=m.attention, attention_options=dict(m.attention_options),
-      pos_encoding=m.pos_encoding, dtype=DTYPES[m.dtype], rngs=rngs)
+      pos_encoding=m.pos_encoding, reversible=m.reversible, ff_chunk_size=m.ff_chunk_size,
+      dtype=DTYPES[m.dtype], rngs=rngs)
   kind = models.task_kind_of(task)
   if kind != 'causal_lm':
     kwargs.update(num_classes=task.num_classes, pooling=m.pooling)
