@@ -42,6 +42,7 @@ def attention_defaults(attention: str, length: int) -> dict:
       'linformer': {'k': max(4, min(256, length // 4)), 'max_len': length},
       'performer': {'num_features': max(16, min(256, length // 2))},
       'longformer': {'window': max(2, min(128, length // 8))},
+      'bigbird': {'block_len': max(4, min(64, length // 16)), 'num_random_blocks': 3},
   }
   return table.get(attention, {})
 

@@ -45,6 +45,7 @@ BENCH_OPTIONS = {
     'linformer': {'k': 256},
     'performer': {'num_features': 256},
     'longformer': {'window': 256},
+    'bigbird': {'block_len': 64, 'num_random_blocks': 3},
     MHA_LINFORMER: {'k': 256},
 }
 
