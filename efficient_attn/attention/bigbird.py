@@ -13,14 +13,15 @@ are drawn among the earlier non-global blocks outside the window, and global
 blocks are seen by the queries after them. Padding keys are never seen.
 
 How it is computed, with no `len x len` array in the forward or backward pass:
-per head, a table lists for each non-global query block the key blocks it reads
-(global, window, random; -1 for an empty slot). Their keys and values are
-gathered into one strip per query block, and one call of the blocked softmax
-core (`core.attend`) attends each query block to its strip, with the original
-key positions, so that the core applies padding and causality token by token.
-The global query blocks attend to every key in a second call. Time and memory
-are O(len * block_len * slots), slots = global + window + random blocks; drawing
-the random blocks scores (len / block_len)^2 block pairs per head.
+the global query blocks attend to every key in one call of the blocked softmax
+core (`core.attend`). The other query blocks attend to three disjoint key sets
+in three calls, merged by log-sum-exp (`core.merge`): their window, a strip of
+consecutive key blocks read in place (global blocks hidden there); the global
+blocks, the same for every query block; and their random blocks, gathered per
+head. Key positions go with the keys, so that the core applies padding and
+causality token by token. Time and memory are O(len * block_len * (global +
+window + random blocks)); drawing the random blocks scores (len / block_len)^2
+block pairs per head.
 
 Random blocks follow LRA's `get_block_rand_mask` (lra_benchmarks/models/bigbird/
 bigbird_attention.py, after the original BigBird code): candidates are the
@@ -113,33 +114,19 @@ def draw_random_blocks(key: jax.Array, heads: int, length: int, block_len: int =
   return jnp.where(top >= 0, blocks, -1).astype(jnp.int32)
 
 
-def block_table(random_blocks: jax.Array, num_blocks: int, num_window_blocks: int,
-                num_global_blocks: int, causal: bool) -> jax.Array:
-  """Int32 `[heads, num_blocks - global, slots]`: the key blocks of each non-global query block.
+def _gather_blocks(x: jax.Array, blocks: jax.Array, block_len: int) -> jax.Array:
+  """Rows `[B, H, nb * block_len, d]` -> the blocks `blocks` `[H, nq, r]` names, `[B * H * nq, 1, r * block_len, d]`.
 
-  Slots are the global blocks, the window (looking back only when causal) and
-  the random blocks; -1 marks an empty slot (a window block outside the
-  sequence or global, so counted among the global slots, or a missing draw).
+  Entries below 0 take block 0 (their keys are hidden by position).
   """
-  first = min(num_global_blocks, num_blocks)
-  half = num_window_blocks // 2
-  query = np.arange(first, num_blocks)[:, None]
-  window = query + np.arange(-half, 1 if causal else half + 1)[None, :]
-  window = np.where((window >= first) & (window < num_blocks), window, -1)
-  global_blocks = np.broadcast_to(np.arange(first), (len(query), first))
-  fixed = np.concatenate([global_blocks, window], axis=1).astype(np.int32)
-  heads = random_blocks.shape[0]
-  return jnp.concatenate([jnp.broadcast_to(fixed, (heads,) + fixed.shape), random_blocks],
-                         axis=2)
-
-
-def _gather_blocks(x: jax.Array, table: jax.Array, block_len: int) -> jax.Array:
-  """The blocks `table` `[H, nq, S]` names of rows `[B, H, nb * block_len, d]`: `[B * H, 1, nq * S * block_len, d]`."""
   batch, heads, padded, dim = x.shape
   num_blocks = padded // block_len
-  flat = (jnp.arange(heads)[:, None, None] * num_blocks + jnp.maximum(table, 0)).reshape(-1)
-  blocks = jnp.take(x.reshape(batch, heads * num_blocks, block_len, dim), flat, axis=1)
-  return blocks.reshape(batch * heads, 1, -1, dim)
+  flat = (jnp.arange(heads)[:, None, None] * num_blocks + jnp.maximum(blocks, 0)).reshape(-1)
+  # Whole blocks as rows of a 2-D array: XLA:CPU gathers those fastest.
+  gathered = jnp.take(x.transpose(1, 2, 0, 3).reshape(heads * num_blocks, -1), flat, axis=0,
+                      mode='clip')
+  gathered = gathered.reshape(heads, -1, block_len, batch, dim).transpose(3, 0, 1, 2, 4)
+  return gathered.reshape(batch * heads * blocks.shape[1], 1, -1, dim)
 
 
 def bigbird_attention(q: jax.Array, k: jax.Array, v: jax.Array, random_blocks: jax.Array,
@@ -182,31 +169,58 @@ def bigbird_attention(q: jax.Array, k: jax.Array, v: jax.Array, random_blocks: j
   padded = num_blocks * block_len
   rows = lambda x: core.to_rows(x, block_len)
 
-  parts = []
+  key_pos = core.key_positions(mask, length, block_len)  # [batch or 1, padded]
+  q_rows, k_rows, v_rows = rows(q), rows(k), rows(v)
+  outputs = []
   if first:
     # Global query blocks over every key.
     global_len = first * block_len
     plan = core.full_plan(global_len, length, global_len, 512, causal)
-    out, _ = core.attend(rows(q)[:, :, :global_len], core.to_rows(k, plan.kv_block),
+    out, _ = core.attend(q_rows[:, :, :global_len], core.to_rows(k, plan.kv_block),
                          core.to_rows(v, plan.kv_block), np.arange(global_len)[None],
                          core.key_positions(mask, length, plan.kv_block), plan)
-    parts.append(out)
+    outputs.append(out)
   if first < num_blocks:
-    # The other query blocks over their strips; heads join the batch rows, as
-    # each head reads its own blocks.
-    table = block_table(random_blocks, num_blocks, num_window_blocks, num_global_blocks, causal)
-    strip = table.shape[2] * block_len
-    key_pos = jnp.broadcast_to(core.key_positions(mask, length, block_len), (batch, padded))
-    key_pos = jnp.take(key_pos.reshape(batch, num_blocks, block_len), jnp.maximum(table, 0),
-                       axis=1)
-    key_pos = jnp.where(table[None, :, :, :, None] >= 0, key_pos, -1).reshape(batch * heads, -1)
-    local_q = rows(q)[:, :, first * block_len:].reshape(batch * heads, 1, -1, head_dim)
-    plan = core.Plan(block_len, strip, 1, kv_stride=strip, causal=causal)
-    out, _ = core.attend(local_q, _gather_blocks(rows(k), table, block_len),
-                         _gather_blocks(rows(v), table, block_len),
-                         np.arange(first * block_len, padded)[None], key_pos, plan)
-    parts.append(out.reshape(batch, heads, -1, v.shape[-1]))
-  out = jnp.concatenate(parts, axis=2)
+    # The other query blocks over three disjoint key sets, merged by log-sum-exp.
+    local_q = q_rows[:, :, first * block_len:]
+    local_pos = np.arange(first * block_len, padded)[None]
+    parts = []
+    # Window: keys padded by `half` blocks in front (and behind unless causal),
+    # so that query block i reads the strip of key blocks i - half ... from
+    # block i on; global blocks are hidden here, as they are their own part.
+    half = num_window_blocks // 2
+    after = 0 if causal else half
+    band = lambda x, value=0: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [
+        (half * block_len, after * block_len), (0, 0)], constant_values=value)[
+            ..., first * block_len:, :]
+    band_pos = jnp.where(np.arange(padded) < first * block_len, -1, key_pos)
+    plan = core.Plan(block_len, (half + 1 + after) * block_len, 1, kv_stride=block_len,
+                     causal=causal)
+    parts.append(core.attend(local_q, band(k_rows), band(v_rows), local_pos,
+                             band(band_pos[..., None], -1)[..., 0], plan))
+    if first:
+      # Global keys, the same for every query block.
+      global_len = first * block_len
+      plan = core.Plan(block_len, global_len, 1, causal=causal)
+      parts.append(core.attend(local_q, k_rows[:, :, :global_len], v_rows[:, :, :global_len],
+                               local_pos, key_pos[:, :global_len], plan))
+    if random_blocks.shape[2]:
+      # Random blocks, gathered per head; each (batch, head, query block) is a
+      # row of its own for the core, with its strip of r blocks.
+      num_local = num_blocks - first
+      random_pos = jnp.take(jnp.broadcast_to(key_pos, (batch, padded)).reshape(
+          batch, num_blocks, block_len), jnp.maximum(random_blocks, 0), axis=1)
+      random_pos = jnp.where(random_blocks[None, ..., None] >= 0, random_pos, -1)
+      query_pos = np.tile(local_pos.reshape(num_local, block_len), (batch * heads, 1))
+      plan = core.Plan(block_len, random_blocks.shape[2] * block_len, 1, causal=causal)
+      out, lse = core.attend(local_q.reshape(batch * heads * num_local, 1, block_len, head_dim),
+                             _gather_blocks(k_rows, random_blocks, block_len),
+                             _gather_blocks(v_rows, random_blocks, block_len), query_pos,
+                             random_pos.reshape(batch * heads * num_local, -1), plan)
+      parts.append((out.reshape(batch, heads, -1, out.shape[-1]),
+                    lse.reshape(batch, heads, -1)))
+    outputs.append(core.merge(parts)[0])
+  out = jnp.concatenate(outputs, axis=2)
   return out.transpose(0, 2, 1, 3)[:, :length]
 
 
