@@ -6,8 +6,9 @@ construction", and Appendix D, "Blockified"). The sequence is cut into blocks of
 queries see every key and every query sees their keys. Every other query block
 i sees the blocks of its window, i - w ... i + w with w = (num_window_blocks -
 1) / 2, the global blocks, and `num_random_blocks` random key blocks drawn for
-it, per head, uniformly without replacement among the non-global blocks outside
-its window (fewer when there are fewer such blocks). No key counts twice. With
+it, per head (shared by the batch rows, as in LRA), uniformly without
+replacement among the non-global blocks outside its window (fewer when there
+are fewer such blocks). No key counts twice. With
 `causal`, query t sees keys s <= t only: windows look back only, random blocks
 are drawn among the earlier non-global blocks outside the window, and global
 blocks are seen by the queries after them. Padding keys are never seen.
