@@ -44,6 +44,7 @@ def attention_defaults(attention: str, length: int) -> dict:
       'longformer': {'window': max(2, min(128, length // 8))},
       'sinkhorn': {'block_len': max(4, min(50, length // 8))},
       'routing': {'num_clusters': max(1, round(length ** 0.5))},
+      'bigbird': {'block_len': max(4, min(64, length // 16)), 'num_random_blocks': 3},
   }
   return table.get(attention, {})
 

@@ -46,6 +46,7 @@ BENCH_OPTIONS = {
     'performer': {'num_features': 256},
     'longformer': {'window': 256},
     'sinkhorn': {'block_len': 50},
+    'bigbird': {'block_len': 64, 'num_random_blocks': 3},
     MHA_LINFORMER: {'k': 256},
 }
 

@@ -20,6 +20,7 @@ SMALL_OPTIONS = {
     'longformer': {'window': 4},
     'sinkhorn': {'block_len': 8, 'gumbel_noise': True},
     'routing': {'num_clusters': 4},
+    'bigbird': {'block_len': 4, 'num_global_blocks': 1, 'num_random_blocks': 2},
 }
 NAMES = ea.available_attentions()
 # Keys 0..19 of row 0 and 0..9 of row 1 are real.
