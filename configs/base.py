@@ -41,7 +41,10 @@ def attention_defaults(attention: str, length: int) -> dict:
       'lsh': {'chunk_len': max(4, min(64, length // 8)), 'n_hashes': 2},
       'linformer': {'k': max(4, min(256, length // 4)), 'max_len': length},
       'performer': {'num_features': max(16, min(256, length // 2))},
-      'longformer': {'window': max(2, min(128, length // 8))},
+      # The models' only global token is CLS (with 'cls' pooling): one slot, no
+      # per-step count check.
+      'longformer': {'window': max(2, min(128, length // 8)), 'max_global': 1,
+                     'check_global_count': False},
       'sinkhorn': {'block_len': max(4, min(50, length // 8))},
       'routing': {'num_clusters': max(1, round(length ** 0.5))},
       'bigbird': {'block_len': max(4, min(64, length // 16)), 'num_random_blocks': 3},

@@ -361,19 +361,19 @@ class ReversibleBlock(TransformerBlock):
 
   def __call__(self, x1: jax.Array, x2: jax.Array, mask: jax.Array | None = None, *,
                causal: bool = False, deterministic: bool | None = None,
-               rngs=None) -> tuple[jax.Array, jax.Array]:
+               rngs=None, **attention_kwargs) -> tuple[jax.Array, jax.Array]:
     """(x1, x2) -> (y1, y2), each `[batch, length, features]`; other arguments as in
     `TransformerBlock`."""
     attention_rngs, mlp_rngs = split_rngs(rngs, 2)
     y1 = x1 + self.attention_branch(x2, mask, causal=causal, deterministic=deterministic,
-                                    rngs=attention_rngs)
+                                    rngs=attention_rngs, **attention_kwargs)
     y2 = x2 + self.mlp_branch(y1, deterministic=deterministic, rngs=mlp_rngs)
     return y1, y2
 
 
 def reversible_sequence(blocks, x1: jax.Array, x2: jax.Array, mask: jax.Array | None,
-                        keys: jax.Array | None, *, causal: bool,
-                        deterministic: bool) -> tuple[jax.Array, jax.Array]:
+                        keys: jax.Array | None, *, causal: bool, deterministic: bool,
+                        attention_kwargs: dict | None = None) -> tuple[jax.Array, jax.Array]:
   """Applies `ReversibleBlock`s in order, with a backward pass that stores no activations.
 
   The backward pass (Gomez et al. 2017, Algorithm 1) walks the blocks from the
@@ -397,6 +397,8 @@ def reversible_sequence(blocks, x1: jax.Array, x2: jax.Array, mask: jax.Array | 
     keys: None (deterministic), or one typed key per block `[len(blocks)]`.
     causal: position i attends to positions <= i only.
     deterministic: True for no dropout and the attentions' fixed random state.
+    attention_kwargs: extra call arguments of the mechanism (arrays without
+      gradient, e.g. Longformer's `global_mask`).
 
   Returns:
     The last block's (y1, y2).
@@ -408,10 +410,10 @@ def reversible_sequence(blocks, x1: jax.Array, x2: jax.Array, mask: jax.Array | 
   stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
   options = dict(causal=causal, deterministic=deterministic)
 
-  def forward(mask, carry, layer):
-    (x1, x2), (params, rest, key) = carry, layer
+  def forward(context, carry, layer):
+    (x1, x2), (params, rest, key), (mask, extra) = carry, layer, context
     block = nnx.merge(graphdef, params, rest)
-    y = block(x1, x2, mask, rngs=key, **options)
+    y = block(x1, x2, mask, rngs=key, **options, **extra)
     after = jax.tree.leaves(nnx.state(block, nnx.Not(nnx.Param)))
     if any(a is not b for a, b in zip(jax.tree.leaves(rest), after)):
       raise ValueError(
@@ -420,13 +422,13 @@ def reversible_sequence(blocks, x1: jax.Array, x2: jax.Array, mask: jax.Array | 
           'with this attention')
     return y, None
 
-  def backward(mask, carry, layer):
-    (y1, y2, dy1, dy2), (params, rest, key) = carry, layer
+  def backward(context, carry, layer):
+    (y1, y2, dy1, dy2), (params, rest, key), (mask, extra) = carry, layer, context
     merged = lambda p: nnx.merge(graphdef, p, rest)
     attention_rngs, mlp_rngs = split_rngs(key, 2)
     mlp = lambda p, y1: merged(p).mlp_branch(y1, deterministic=deterministic, rngs=mlp_rngs)
     attention = lambda p, x2: merged(p).attention_branch(x2, mask, rngs=attention_rngs,
-                                                         **options)
+                                                         **options, **extra)
     g, mlp_vjp = jax.vjp(mlp, params, y1)
     x2 = y2 - g
     dmlp, dy1_through_mlp = mlp_vjp(dy2)
@@ -437,22 +439,23 @@ def reversible_sequence(blocks, x1: jax.Array, x2: jax.Array, mask: jax.Array | 
     return (x1, x2, dy1, dy2 + dx2), jax.tree.map(jnp.add, dmlp, dattention)
 
   @jax.custom_vjp
-  def run(params, rest, x1, x2, mask, keys):
-    return jax.lax.scan(functools.partial(forward, mask), (x1, x2), (params, rest, keys))[0]
+  def run(params, rest, x1, x2, context, keys):
+    return jax.lax.scan(functools.partial(forward, context), (x1, x2),
+                        (params, rest, keys))[0]
 
-  def run_forward(params, rest, x1, x2, mask, keys):
-    y = run(params, rest, x1, x2, mask, keys)
-    return y, (params, rest, y, mask, keys)
+  def run_forward(params, rest, x1, x2, context, keys):
+    y = run(params, rest, x1, x2, context, keys)
+    return y, (params, rest, y, context, keys)
 
   def run_backward(residuals, cotangents):
-    params, rest, y, mask, keys = residuals
+    params, rest, y, context, keys = residuals
     (_, _, dx1, dx2), dparams = jax.lax.scan(
-        functools.partial(backward, mask), (*y, *cotangents), (params, rest, keys),
+        functools.partial(backward, context), (*y, *cotangents), (params, rest, keys),
         reverse=True)
     return dparams, None, dx1, dx2, None, None
 
   run.defvjp(run_forward, run_backward)
-  return run(stack(params), stack(rest), x1, x2, mask, keys)
+  return run(stack(params), stack(rest), x1, x2, (mask, attention_kwargs or {}), keys)
 
 
 class ReversibleStack(nnx.Module):
@@ -488,7 +491,8 @@ class ReversibleStack(nnx.Module):
     self.rngs = base.random_stream(rngs, ('dropout',) + base.RANDOM_STREAMS)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, causal: bool = False,
-               deterministic: bool | None = None, rngs=None) -> jax.Array:
+               deterministic: bool | None = None, rngs=None,
+               **attention_kwargs) -> jax.Array:
     """Applies the blocks to a sequence.
 
     Args:
@@ -500,6 +504,7 @@ class ReversibleStack(nnx.Module):
       rngs: None (the module's own stream), a jax key or an `nnx.Rngs`; one key
         is drawn from it and split into one key per block (none without dropout
         or random attention).
+      **attention_kwargs: extra call arguments of the mechanism (no gradient).
 
     Returns:
       `[batch, length, features]`.
@@ -511,7 +516,8 @@ class ReversibleStack(nnx.Module):
                                                          base.RANDOM_STREAMS)
       keys = jax.random.split(key, len(self.blocks))
     y1, y2 = reversible_sequence(list(self.blocks), x, x, mask, keys, causal=causal,
-                                 deterministic=deterministic)
+                                 deterministic=deterministic,
+                                 attention_kwargs=attention_kwargs)
     return (y1 + y2) / 2
 
 

@@ -67,7 +67,8 @@ class Encoder(nnx.Module):
         'rotary' or 'none'.
       pooling: None (return the sequence), 'mean' (masked mean over real
         tokens) or 'cls' (the output of a learned CLS token, prepended to the
-        embedded sequence without a position).
+        embedded sequence without a position; a global token of mechanisms
+        that take them, e.g. Longformer, so that it sees the whole input).
       causal: each position attends to itself and earlier positions only.
       reversible: `layers.ReversibleStack` instead of TransformerBlocks (Reformer):
         activation memory that does not grow with num_layers, for about one
@@ -103,6 +104,7 @@ class Encoder(nnx.Module):
     self.vocab_size = vocab_size
     self.causal = causal
     self.pooling = pooling
+    self.global_cls = base.attention_class(attention).global_tokens
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.embed = nnx.Embed(vocab_size, emb_dim, dtype=dtype, param_dtype=param_dtype,
@@ -165,12 +167,17 @@ class Encoder(nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)
       mask = jnp.concatenate([jnp.ones((batch, 1), bool), mask], axis=1)
     x = self.dropout(x, deterministic=deterministic, rngs=dropout_rngs)
+    extra = {}
+    if self.cls is not None and self.global_cls:
+      # The CLS token attends to all tokens and all to it (Beltagy et al. 2020, Sec. 3.1).
+      extra['global_mask'] = jnp.arange(x.shape[1])[None, :] == jnp.zeros((batch, 1), int)
     if self.reversible:
       x = self.blocks(x, mask, causal=self.causal, deterministic=deterministic,
-                      rngs=block_rngs)
+                      rngs=block_rngs, **extra)
     else:
       for block, key in zip(self.blocks, layers.split_rngs(block_rngs, len(self.blocks))):
-        x = block(x, mask, causal=self.causal, deterministic=deterministic, rngs=key)
+        x = block(x, mask, causal=self.causal, deterministic=deterministic, rngs=key,
+                  **extra)
     x = self.norm(x)
     if self.pooling == 'cls':
       return x[:, 0]

@@ -267,3 +267,15 @@ def test_reversible_language_model_sees_no_future_token():
   logits = lambda x: lm.logits(lm.encoder.encode(x, mask, rngs=jax.random.key(0)))
   dx = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(logits(x)[:, t] ** 2)))(x))
   assert np.all(dx[:, t + 1:] == 0) and np.any(dx[:, t] != 0)
+
+
+@pytest.mark.parametrize('reversible', [False, True])
+def test_longformer_cls_token_is_global_and_sees_the_whole_input(reversible):
+  # Window 2 and one layer: without a global CLS, the pooled output would not
+  # depend on tokens beyond position 2.
+  model = make('classification', 'longformer', {'longformer': {'window': 2, 'max_global': 1}},
+               pooling='cls', reversible=reversible)
+  embeddings = model.encoder.embed(tokens(jax.random.key(1), (1, 16)))
+  pooled = lambda x: model.encoder.encode(x, deterministic=True).sum()
+  grads = jax.jit(jax.grad(pooled))(embeddings)
+  assert np.all(np.abs(np.asarray(grads[0, 8:])).sum(-1) > 0)

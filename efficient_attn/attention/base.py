@@ -45,6 +45,9 @@ class Attention(nnx.Module):
   uses_keys: bool = True
   # Whether `causal=True` is possible; where not, calls with it raise ValueError.
   supports_causal: bool = True
+  # Whether `__call__` takes `global_mask` (bool `[batch, len]`): tokens that see
+  # every key and that every query sees (Longformer).
+  global_tokens: bool = False
 
 
 class RandomAttention(Attention):
@@ -165,6 +168,12 @@ def check_positive_int(argument: str, value) -> None:
   """Raises ValueError unless `value` is a positive int."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f'{argument} must be a positive int, got {value!r}')
+
+
+def check_non_negative_int(argument: str, value) -> None:
+  """Raises ValueError unless `value` is an int >= 0."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f'{argument} must be a non-negative int, got {value!r}')
 
 
 def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,

@@ -50,12 +50,6 @@ from flax import nnx
 from efficient_attn.attention import base, core
 
 
-def _check_non_negative_int(argument: str, value) -> None:
-  """Raises ValueError unless `value` is an int >= 0."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-    raise ValueError(f'{argument} must be a non-negative int, got {value!r}')
-
-
 def check_options(block_len, num_window_blocks, num_global_blocks, num_random_blocks) -> None:
   """Raises ValueError, naming the argument, unless the block options are valid."""
   base.check_positive_int('block_len', block_len)
@@ -63,8 +57,8 @@ def check_options(block_len, num_window_blocks, num_global_blocks, num_random_bl
   if num_window_blocks % 2 == 0:
     raise ValueError(f'num_window_blocks must be odd (the block and as many neighbours on '
                      f'each side), got {num_window_blocks}')
-  _check_non_negative_int('num_global_blocks', num_global_blocks)
-  _check_non_negative_int('num_random_blocks', num_random_blocks)
+  base.check_non_negative_int('num_global_blocks', num_global_blocks)
+  base.check_non_negative_int('num_random_blocks', num_random_blocks)
 
 
 def random_candidates(num_blocks: int, num_window_blocks: int, num_global_blocks: int,

@@ -211,6 +211,8 @@ class LongformerAttention(base.Attention):
   `max_global` global tokens.
   """
 
+  global_tokens = True
+
   def __init__(self, window: int = 256, dilation: int = 1, max_global: int = 16,
                block: int | None = None, check_global_count: bool = True, *,
                rngs: nnx.Rngs | None = None):
