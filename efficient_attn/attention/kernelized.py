@@ -4,9 +4,9 @@ With a feature map phi, attention weights phi(q_i).phi(k_j) make the output
 D^-1 phi(Q) (phi(K)^T V) with D = diag(phi(Q) phi(K)^T 1) (Katharopoulos et al.
 2020, Section 3.2; Choromanski et al. 2021, Eq. 4), so no `[q_len, kv_len]`
 matrix is formed. Non-causal: phi(K)^T V is summed over key blocks, then applied
-to query blocks. Causal (Katharopoulos et al. 2020, Section 3.3): a scan over chunks
-carries the prefix sum of phi(K)^T V; inside a chunk the masked quadratic form
-is used. A column of ones after V makes D the last output column. Blocks are
+to query blocks. Causal (Katharopoulos et al. 2020, Section 3.3): a scan over
+blocks of chunks carries the prefix sum of phi(K)^T V; inside a block, chunks
+add the sums of earlier chunks and the masked quadratic form of their own. A column of ones after V makes D the last output column. Blocks are
 recomputed in the backward pass (`jax.checkpoint`), so no `[length,
 num_features]` array is stored. Performer and linear attention both call
 `feature_attention`.
@@ -20,9 +20,17 @@ import jax.numpy as jnp
 from efficient_attn.attention import base
 
 
-def block_size(length: int, causal: bool, chunk_len: int, block_len: int) -> int:
-  """Positions per block of `feature_attention`: `chunk_len` if causal, else `block_len`."""
-  return min(chunk_len if causal else block_len, length)
+def block_size(length: int, causal: bool, chunk_len: int, block_len: int,
+               chunks_per_step: int = 1) -> int:
+  """Positions per block of `feature_attention`.
+
+  Causal: `chunks_per_step` chunks of `chunk_len` (fewer and shorter ones for
+  short inputs); non-causal: `block_len` (at most `length`).
+  """
+  if not causal:
+    return min(block_len, length)
+  chunk = min(chunk_len, length)
+  return chunk * min(chunks_per_step, -(-length // chunk))
 
 
 def to_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -67,26 +75,34 @@ def _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, has_key, query_fe
 
 
 def _causal(q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks, query_features,
-            key_features, num_features):
+            key_features, num_features, chunk_len):
   """Causal D^-1 phi(Q) (phi(K)^T V) by prefix sums over chunks.
 
-  Inside a chunk, the masked quadratic form (phi(Q_c) phi(K_c)^T * lower) V_c;
-  earlier chunks enter through the running sum of phi(K)^T V carried by a scan.
+  A scan over blocks of whole chunks carries the sum of phi(K)^T V over earlier
+  blocks. Inside a block, chunk c adds the sums of the block's earlier chunks
+  (an exclusive cumulative sum, so that no future chunk enters even in
+  rounding) and the masked quadratic form (phi(Q_c) phi(K_c)^T * lower) V_c.
   """
-  batch, heads, chunk_len, value_dim = v_blocks.shape[1:]
+  batch, heads, block, value_dim = v_blocks.shape[1:]
   lower = jnp.tril(jnp.ones((chunk_len, chunk_len), dtype=bool))
   state = jnp.zeros((batch, heads, num_features, value_dim), jnp.float32)
+  chunks = lambda x: x.reshape(batch, heads, block // chunk_len, chunk_len, x.shape[-1])
 
   def step(state, blocks):
     q, k, v, valid, has_key = blocks
-    phi_q = query_features(q)
-    phi_k = key_features(k, valid)
-    scores = jnp.einsum('bhim,bhjm->bhij', phi_q, phi_k, preferred_element_type=jnp.float32)
+    phi_q = chunks(query_features(q))
+    phi_k = chunks(key_features(k, valid))
+    v = chunks(v)
+    kv = jnp.einsum('bhcjm,bhcjd->bhcmd', phi_k, v, preferred_element_type=jnp.float32)
+    summed = jnp.cumsum(kv, axis=2)
+    before = jnp.concatenate([jnp.zeros_like(kv[:, :, :1]), summed[:, :, :-1]], axis=2)
+    earlier = state[:, :, None] + before
+    scores = jnp.einsum('bhcim,bhcjm->bhcij', phi_q, phi_k, preferred_element_type=jnp.float32)
     scores = jnp.where(lower, scores, 0.0)
-    out = (jnp.einsum('bhij,bhjd->bhid', scores, v, preferred_element_type=jnp.float32)
-           + jnp.einsum('bhim,bhmd->bhid', phi_q, state, preferred_element_type=jnp.float32))
-    state += jnp.einsum('bhjm,bhjd->bhmd', phi_k, v, preferred_element_type=jnp.float32)
-    return state, _normalize(out, has_key, q.dtype)
+    out = (jnp.einsum('bhcij,bhcjd->bhcid', scores, v, preferred_element_type=jnp.float32)
+           + jnp.einsum('bhcim,bhcmd->bhcid', phi_q, earlier, preferred_element_type=jnp.float32))
+    out = out.reshape(batch, heads, block, value_dim)
+    return state + summed[:, :, -1], _normalize(out, has_key, q.dtype)
 
   _, out = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), state,
                         (q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks))
@@ -97,8 +113,8 @@ def feature_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       query_features: Callable[[jax.Array], jax.Array],
                       key_features: Callable[[jax.Array, jax.Array], jax.Array],
                       num_features: int, mask: jax.Array | None = None,
-                      causal: bool = False, chunk_len: int = 64,
-                      block_len: int = 256) -> jax.Array:
+                      causal: bool = False, chunk_len: int = 64, block_len: int = 256,
+                      chunks_per_step: int = 1) -> jax.Array:
   """D^-1 phi(Q) (phi(K)^T V) with the given feature maps, by blocks.
 
   Args:
@@ -115,6 +131,8 @@ def feature_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     chunk_len: chunk length of the causal prefix sums.
     block_len: positions per block in non-causal attention (a memory/speed
       trade-off only).
+    chunks_per_step: chunks per step of the causal scan (a speed trade-off
+      only: one step computes its chunks together).
 
   Returns:
     `[batch, q_len, heads, value_dim]` in the dtype of q; zeros for queries with
@@ -123,8 +141,8 @@ def feature_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   batch, q_len = q.shape[:2]
   kv_len = k.shape[1]
   key_mask = base.key_mask_or_ones(mask, batch, kv_len)
-  q_block = block_size(q_len, causal, chunk_len, block_len)
-  kv_block = block_size(kv_len, causal, chunk_len, block_len)
+  q_block = block_size(q_len, causal, chunk_len, block_len, chunks_per_step)
+  kv_block = block_size(kv_len, causal, chunk_len, block_len, chunks_per_step)
   v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
   q_blocks = to_blocks(q, q_block)
   k_blocks = to_blocks(k, kv_block)
@@ -133,7 +151,7 @@ def feature_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if causal:
     has_key_blocks = mask_blocks(jnp.cumsum(key_mask, axis=1) > 0, q_block)
     out = _causal(q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks,
-                  query_features, key_features, num_features)
+                  query_features, key_features, num_features, min(chunk_len, q_len))
   else:
     has_key = key_mask.any(axis=1)[:, None, None, None]
     out = _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, has_key,
