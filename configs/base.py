@@ -42,6 +42,9 @@ def attention_defaults(attention: str, length: int) -> dict:
       'linformer': {'k': max(4, min(256, length // 4)), 'max_len': length},
       'performer': {'num_features': max(16, min(256, length // 2))},
       'longformer': {'window': max(2, min(128, length // 8))},
+      # The public LRA code's default: factorized random logits of rank 32.
+      'synthesizer': {'max_len': length, 'variant': 'random', 'factorized': True,
+                      'rank': min(32, length)},
   }
   return table.get(attention, {})
 

@@ -45,6 +45,8 @@ BENCH_OPTIONS = {
     'linformer': {'k': 256},
     'performer': {'num_features': 256},
     'longformer': {'window': 256},
+    'linear': {},
+    'synthesizer': {'variant': 'random', 'factorized': True, 'rank': 32},
     MHA_LINFORMER: {'k': 256},
 }
 
@@ -52,7 +54,7 @@ BENCH_OPTIONS = {
 def bench_options(name: str, length: int) -> dict:
   """The options of project row `name` at sequence length `length`."""
   options = dict(BENCH_OPTIONS.get(name, {}))
-  if name in ('linformer', MHA_LINFORMER):
+  if name in ('linformer', MHA_LINFORMER, 'synthesizer'):
     options['max_len'] = length
   if name == 'lsh':
     # n / chunk_len buckets, as reformer-pytorch (the paper and trax use twice that).
