@@ -78,7 +78,7 @@ def test_factorized_dense_logits_are_tiled_times_repeated():
   attn = _make('dense', True)
   q, _, _ = _qkv(1)
   params = attn.params()
-  logits = synthesizer.synthetic_logits(q, params, 'dense', True, LENGTH)
+  logits = synthesizer.synthetic_logits(q, params, 'dense', LENGTH)
   hidden = jax.nn.relu(jnp.einsum('bihd,hde->bhie', q, params['w1']) + params['b1'][:, None])
   a = jnp.einsum('bhie,her->bhir', hidden, params['w2_a']) + params['b2_a'][:, None]
   b = jnp.einsum('bhie,her->bhir', hidden, params['w2_b']) + params['b2_b'][:, None]

@@ -16,9 +16,14 @@ The logits are sliced to `[q_len, kv_len]`, padding keys (and future keys when
 causal) are hidden, and the softmax weights multiply v. Keys are not used
 (`uses_keys = False`), so `MultiHeadAttention` builds no key projection.
 
-The weights `[q_len, kv_len]` are materialised: the Synthesizer is O(n^2) in
-time and memory by nature, and `max_len` (a required option) bounds the
-lengths, as the learned matrices have one row or column per position.
+The Synthesizer is O(n^2) in time by nature (every query has a logit for every
+key), and `max_len` (a required option) bounds the lengths, as the learned
+weights have one row or column per position. Two variants are low-rank, their
+logits dot products of per-position vectors: dense ([relu(W1 x + b1), 1] .
+[W2_j, b2_j]) and factorized random (R1_i . R2_j). They run through
+`blocked_attention` with those vectors as queries and keys, so their memory is
+linear in length. Random and factorized dense materialise the `[q_len,
+kv_len]` weights (O(n^2) memory).
 
 Where this differs from the public LRA code (`lra_benchmarks/models/synthesizer`):
 - Dense logits come from the per-head query vectors, not from the layer input;
@@ -27,8 +32,8 @@ Where this differs from the public LRA code (`lra_benchmarks/models/synthesizer`
 - LRA has no factorized dense variant; its default is factorized random with
   rank 32 (used in `configs/base.py`).
 - With `num_heads=None` one set of weights serves every head (LRA: one per head).
-- Padding keys are hidden (LRA's padding mask for synthetic logits is the same);
-  queries that see no key return zeros.
+- Queries that see no key (all padding, or causal before the first real key)
+  return zeros.
 """
 
 import jax
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_attn.attention import base
+from efficient_attn.attention.blocked import blocked_attention
 
 VARIANTS = ('dense', 'random')
 
@@ -44,45 +50,74 @@ VARIANTS = ('dense', 'random')
 _init_weight = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
-def synthetic_logits(q: jax.Array, params: dict, variant: str, factorized: bool,
-                     kv_len: int) -> jax.Array:
-  """The synthetic logits `[batch or 1, heads or 1, q_len, kv_len]`, float32.
+def _hidden(q: jax.Array, params: dict) -> jax.Array:
+  """relu(W1 x + b1) of every per-head query vector x: `[batch, heads, q_len, head_dim]`."""
+  x = q.transpose(0, 2, 1, 3)
+  hidden = jnp.einsum('bhid,hde->bhie', x, params['w1'].astype(q.dtype))
+  return jax.nn.relu(hidden + params['b1'][:, None].astype(q.dtype))
+
+
+def is_low_rank(variant: str, factorized: bool) -> bool:
+  """Whether the logits of a variant are dot products (dense, factorized random)."""
+  return (variant == 'dense') != factorized
+
+
+def logit_queries_and_keys(q: jax.Array, params: dict, variant: str,
+                           kv_len: int) -> tuple[jax.Array, jax.Array]:
+  """Queries and keys whose dot products are the logits of a low-rank variant.
+
+  Dense: [relu(W1 x + b1), 1] . [W2 column j, b2_j]; factorized random: row i
+  of R1 . column j of R2.
 
   Args:
-    q: queries `[batch, q_len, heads, head_dim]` (dense variants only).
+    q: queries `[batch, q_len, heads, head_dim]`.
     params: the weights, named as `SynthesizerAttention`'s parameters, each with
       a leading head axis (of size 1 when shared by all heads).
-    variant: 'dense' or 'random'.
-    factorized: the factorized form of the variant.
+    variant: 'dense' (plain) or 'random' (factorized).
     kv_len: number of keys.
 
   Returns:
-    float32 logits of query i over key j.
+    (queries `[batch, q_len, heads, width]`, keys `[batch, kv_len, heads,
+    width]`) in the dtype of q.
   """
-  q_len = q.shape[1]
+  batch, q_len, heads = q.shape[:3]
   if variant == 'random':
-    if factorized:
-      logits = jnp.einsum('hir,hrj->hij', params['random_1'][:, :q_len],
-                          params['random_2'][:, :, :kv_len])
-    else:
-      logits = params['random'][:, :q_len, :kv_len]
-    return logits[None].astype(jnp.float32)
-  dtype = q.dtype
-  x = q.transpose(0, 2, 1, 3)
-  hidden = jnp.einsum('bhid,hde->bhie', x, params['w1'].astype(dtype))
-  hidden = jax.nn.relu(hidden + params['b1'][:, None].astype(dtype))
+    queries = params['random_1'][:, :q_len][None]
+    keys = params['random_2'][:, :, :kv_len].swapaxes(1, 2)
+  else:
+    hidden = _hidden(q, params)
+    queries = jnp.concatenate([hidden, jnp.ones(hidden.shape[:-1] + (1,), q.dtype)], axis=-1)
+    keys = jnp.concatenate([params['w2'][:, :, :kv_len].swapaxes(1, 2),
+                            params['b2'][:, :kv_len, None]], axis=-1)
+  queries = jnp.broadcast_to(queries, (batch, heads) + queries.shape[2:])
+  keys = jnp.broadcast_to(keys, (batch, heads) + keys.shape[1:])
+  return queries.swapaxes(1, 2).astype(q.dtype), keys.swapaxes(1, 2).astype(q.dtype)
+
+
+def synthetic_logits(q: jax.Array, params: dict, variant: str, kv_len: int) -> jax.Array:
+  """The logits of a variant that is not low-rank (random, factorized dense), float32.
+
+  Args:
+    q: queries `[batch, q_len, heads, head_dim]`.
+    params: the weights, as for `logit_queries_and_keys`.
+    variant: 'random' (plain) or 'dense' (factorized).
+    kv_len: number of keys.
+
+  Returns:
+    float32 logits `[batch or 1, heads or 1, q_len, kv_len]` of query i over key j.
+  """
+  if variant == 'random':
+    return params['random'][None, :, :q.shape[1], :kv_len].astype(jnp.float32)
+  hidden = _hidden(q, params)
 
   def project(name):
-    out = jnp.einsum('bhie,hel->bhil', hidden, params[f'w2{name}'].astype(dtype),
+    out = jnp.einsum('bhie,hel->bhil', hidden, params[f'w2_{name}'].astype(q.dtype),
                      preferred_element_type=jnp.float32)
-    return out + params[f'b2{name}'][:, None]
+    return out + params[f'b2_{name}'][:, None]
 
-  if not factorized:
-    return project('')[..., :kv_len]
-  a, b = project('_a'), project('_b')
-  rank = a.shape[-1]
+  a, b = project('a'), project('b')
   # H_A tiles A across the key positions, H_B repeats each entry of B `rank` times.
-  logits = jnp.tile(a, b.shape[-1]) * jnp.repeat(b, rank, axis=-1)
+  logits = jnp.tile(a, b.shape[-1]) * jnp.repeat(b, a.shape[-1], axis=-1)
   return logits[..., :kv_len]
 
 
@@ -95,8 +130,8 @@ def synthesizer_attention(q: jax.Array, k: jax.Array, v: jax.Array, params: dict
     q: `[batch, q_len, heads, head_dim]`.
     k: `[batch, kv_len, heads, head_dim]`, unused but for its shape.
     v: `[batch, kv_len, heads, value_dim]`.
-    params: the weights, as for `synthetic_logits`; their `max_len` must cover
-      kv_len (and q_len for the random variants).
+    params: the weights, as for `logit_queries_and_keys`; their `max_len` must
+      cover kv_len (and q_len for the random variants).
     mask: None or bool `[batch, kv_len]`, True for real keys.
     causal: query i sees keys j <= i only (needs q_len == kv_len).
     variant: 'dense' or 'random'.
@@ -108,7 +143,10 @@ def synthesizer_attention(q: jax.Array, k: jax.Array, v: jax.Array, params: dict
   """
   q_len, kv_len = q.shape[1], k.shape[1]
   check_lengths(q_len, kv_len, max_length(params, variant, factorized), variant)
-  logits = synthetic_logits(q, params, variant, factorized, kv_len)
+  if is_low_rank(variant, factorized):
+    queries, keys = logit_queries_and_keys(q, params, variant, kv_len)
+    return blocked_attention(queries, keys, v, mask, causal, scale=1.0)
+  logits = synthetic_logits(q, params, variant, kv_len)
   visible = jnp.ones((1, 1, 1, kv_len), bool)
   if mask is not None:
     visible = mask[:, None, None, :]
