@@ -43,8 +43,7 @@ def attention_defaults(attention: str, length: int) -> dict:
       'performer': {'num_features': max(16, min(256, length // 2))},
       'longformer': {'window': max(2, min(128, length // 8))},
       # The public LRA code's default: factorized random logits of rank 32.
-      'synthesizer': {'max_len': length, 'variant': 'random', 'factorized': True,
-                      'rank': min(32, length)},
+      'synthesizer': {'max_len': length, 'rank': min(32, length)},
   }
   return table.get(attention, {})
 

@@ -46,7 +46,7 @@ BENCH_OPTIONS = {
     'performer': {'num_features': 256},
     'longformer': {'window': 256},
     'linear': {},
-    'synthesizer': {'variant': 'random', 'factorized': True, 'rank': 32},
+    'synthesizer': {'rank': 32},
     MHA_LINFORMER: {'k': 256},
 }
 

@@ -19,7 +19,8 @@ SMALL_OPTIONS = {
     'performer': {'num_features': 16},
     'longformer': {'window': 4},
     'linear': {'chunk_len': 4, 'block_len': 8, 'chunks_per_step': 2},
-    'synthesizer': {'max_len': LENGTH, 'num_heads': HEADS, 'head_dim': HEAD_DIM},
+    'synthesizer': {'max_len': LENGTH, 'variant': 'dense', 'num_heads': HEADS,
+                    'head_dim': HEAD_DIM},
 }
 NAMES = ea.available_attentions()
 # Keys 0..19 of row 0 and 0..9 of row 1 are real.

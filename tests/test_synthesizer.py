@@ -150,7 +150,7 @@ def test_bfloat16_close_to_float32():
 
 def test_multi_head_attention_builds_no_key_projection():
   mha = ea.MultiHeadAttention(num_heads=HEADS, in_features=8, attention='synthesizer',
-                              attention_options={'max_len': MAX_LEN, 'head_dim': 4},
+                              attention_options={'max_len': MAX_LEN},
                               rngs=nnx.Rngs(0))
   assert mha.key is None
   assert mha(jnp.ones((1, LENGTH, 8))).shape == (1, LENGTH, 8)
@@ -159,8 +159,9 @@ def test_multi_head_attention_builds_no_key_projection():
 @pytest.mark.parametrize('options,message', [
     ({}, 'synthesizer needs max_len'),
     ({'max_len': 0, 'variant': 'random'}, 'max_len must be a positive int'),
-    ({'max_len': 8, 'variant': 'mixed'}, "variant='mixed' is not supported; allowed: 'dense', 'random'"),
-    ({'max_len': 8}, "variant='dense' needs head_dim"),
+    ({'max_len': 8, 'variant': 'mixed'},
+     "variant='mixed' is not supported; allowed: 'dense', 'random'"),
+    ({'max_len': 8, 'variant': 'dense'}, "variant='dense' needs head_dim"),
     ({'max_len': 8, 'variant': 'random', 'factorized': 'yes'}, "factorized='yes' is not"),
     ({'max_len': 8, 'variant': 'random', 'rank': 0}, 'rank must be a positive int'),
     ({'max_len': 8, 'variant': 'random', 'num_heads': -2}, 'num_heads must be a positive int'),

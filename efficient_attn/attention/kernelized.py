@@ -6,8 +6,10 @@ D^-1 phi(Q) (phi(K)^T V) with D = diag(phi(Q) phi(K)^T 1) (Katharopoulos et al.
 matrix is formed. Non-causal: phi(K)^T V is summed over key blocks, then applied
 to query blocks. Causal (Katharopoulos et al. 2020, Section 3.3): a scan over
 blocks of chunks carries the prefix sum of phi(K)^T V; inside a block, chunks
-add the sums of earlier chunks and the masked quadratic form of their own. A column of ones after V makes D the last output column. Blocks are
-recomputed in the backward pass (`jax.checkpoint`), so no `[length,
+add the sums of earlier chunks and the masked quadratic form of their own.
+Several chunks per step (`chunks_per_step`) give larger matrix products on a
+short scan. A column of ones after V makes D the last output column. Blocks
+are recomputed in the backward pass (`jax.checkpoint`), so no `[length,
 num_features]` array is stored. Performer and linear attention both call
 `feature_attention`.
 """

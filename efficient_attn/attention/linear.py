@@ -1,4 +1,4 @@
-"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"): kernel feature map elu + 1.
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"): features elu + 1.
 
 Attention weights are phi(q_i).phi(k_j) with phi(x) = elu(x) + 1 (Section 3.2,
 Eq. 7), normalised over the keys, so the output D^-1 phi(Q) (phi(K)^T V) costs
@@ -10,9 +10,9 @@ which Performer also uses: blocks of keys (non-causal) or chunks with a scan
 
 Where this differs from the paper and the public LRA code
 (`lra_benchmarks/models/linear_transformer`):
-- Padding keys get zero features, so they enter neither sum; the LRA code
-  ignores its padding masks, and it has no causal variant.
-- No eps in the normaliser (LRA and the paper's code add 1e-6): elu + 1 > 0, so
+- Padding keys get zero features, so they enter neither sum, and causal
+  attention is supported; the LRA code ignores its padding and causal masks.
+- No eps in the normaliser (the LRA code adds 1e-6): elu + 1 > 0, so
   the normaliser of a query that sees a key is positive; a query that sees no
   key returns zeros instead of 0 / eps.
 - Features are computed in float32 and cast to the input dtype; the sums and

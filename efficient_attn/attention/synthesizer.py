@@ -1,4 +1,4 @@
-"""Synthesizer attention (Tay et al. 2021, "Synthesizer: Rethinking Self-Attention"): synthetic logits.
+"""Synthesizer attention (Tay et al. 2021, "Rethinking Self-Attention"): synthetic logits.
 
 The attention logits are not q.k dot products but synthesized (Section 3):
 - Dense (Section 3.1): each query position's logits over the key positions come
@@ -29,8 +29,8 @@ Where this differs from the public LRA code (`lra_benchmarks/models/synthesizer`
 - Dense logits come from the per-head query vectors, not from the layer input;
   LRA's dense branch reshapes `[batch, len, heads, max_len]` to `[batch, heads,
   len, max_len]` without a transpose, which mixes positions and heads.
-- LRA has no factorized dense variant; its default is factorized random with
-  rank 32 (used in `configs/base.py`).
+- LRA has no factorized dense variant; its default, factorized random with
+  rank 32, is the default here too.
 - With `num_heads=None` one set of weights serves every head (LRA: one per head).
 - Queries that see no key (all padding, or causal before the first real key)
   return zeros.
@@ -123,7 +123,7 @@ def synthetic_logits(q: jax.Array, params: dict, variant: str, kv_len: int) -> j
 
 def synthesizer_attention(q: jax.Array, k: jax.Array, v: jax.Array, params: dict,
                           mask: jax.Array | None = None, causal: bool = False,
-                          variant: str = 'dense', factorized: bool = False) -> jax.Array:
+                          variant: str = 'random', factorized: bool = True) -> jax.Array:
   """softmax(synthetic logits, masked) v; `k` is not read (only its length).
 
   Args:
@@ -195,8 +195,8 @@ class SynthesizerAttention(base.Attention):
 
   uses_keys = False
 
-  def __init__(self, max_len: int | None = None, variant: str = 'dense',
-               factorized: bool = False, rank: int = 32, num_heads: int | None = None,
+  def __init__(self, max_len: int | None = None, variant: str = 'random',
+               factorized: bool = True, rank: int = 32, num_heads: int | None = None,
                head_dim: int | None = None, *, rngs: nnx.Rngs):
     if max_len is None:
       raise ValueError(
