@@ -44,7 +44,7 @@ def elu_features(x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
                      causal: bool = False, chunk_len: int = 64, block_len: int = 256,
-                     chunks_per_step: int = 4) -> jax.Array:
+                     chunks_per_step: int = 8) -> jax.Array:
   """Linear attention D^-1 phi(Q) (phi(K)^T V) with phi = elu + 1.
 
   Args:
@@ -74,7 +74,7 @@ class LinearAttention(base.Attention):
   trade-offs only: the result does not depend on them beyond rounding.
   """
 
-  def __init__(self, chunk_len: int = 64, block_len: int = 256, chunks_per_step: int = 4, *,
+  def __init__(self, chunk_len: int = 64, block_len: int = 256, chunks_per_step: int = 8, *,
                rngs: nnx.Rngs | None = None):
     base.check_positive_int('chunk_len', chunk_len)
     base.check_positive_int('block_len', block_len)
