@@ -48,6 +48,9 @@ def attention_defaults(attention: str, length: int) -> dict:
       'sinkhorn': {'block_len': max(4, min(50, length // 8))},
       'routing': {'num_clusters': max(1, round(length ** 0.5))},
       'bigbird': {'block_len': max(4, min(64, length // 16)), 'num_random_blocks': 3},
+      'longformer': {'window': max(2, min(128, length // 8))},
+      # The public LRA code's default: factorized random logits of rank 32.
+      'synthesizer': {'max_len': length, 'rank': min(32, length)},
   }
   return table.get(attention, {})
 

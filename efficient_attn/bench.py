@@ -47,6 +47,8 @@ BENCH_OPTIONS = {
     'longformer': {'window': 256},
     'sinkhorn': {'block_len': 50},
     'bigbird': {'block_len': 64, 'num_random_blocks': 3},
+    'linear': {},
+    'synthesizer': {'rank': 32},
     MHA_LINFORMER: {'k': 256},
 }
 
@@ -54,7 +56,7 @@ BENCH_OPTIONS = {
 def bench_options(name: str, length: int) -> dict:
   """The options of project row `name` at sequence length `length`."""
   options = dict(BENCH_OPTIONS.get(name, {}))
-  if name in ('linformer', MHA_LINFORMER):
+  if name in ('linformer', MHA_LINFORMER, 'synthesizer'):
     options['max_len'] = length
   if name == 'lsh':
     # n / chunk_len buckets, as reformer-pytorch (the paper and trax use twice that).

@@ -21,6 +21,9 @@ SMALL_OPTIONS = {
     'sinkhorn': {'block_len': 8, 'gumbel_noise': True},
     'routing': {'num_clusters': 4},
     'bigbird': {'block_len': 4, 'num_global_blocks': 1, 'num_random_blocks': 2},
+    'linear': {'chunk_len': 4, 'block_len': 8, 'chunks_per_step': 2},
+    'synthesizer': {'max_len': LENGTH, 'variant': 'dense', 'num_heads': HEADS,
+                    'head_dim': HEAD_DIM},
 }
 NAMES = ea.available_attentions()
 # Keys 0..19 of row 0 and 0..9 of row 1 are real.

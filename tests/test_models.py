@@ -16,7 +16,8 @@ TINY = dict(vocab_size=12, max_len=32, num_layers=1, emb_dim=16, num_heads=2, ml
             dropout_rate=0.1, attention_dropout_rate=0.1)
 # Options that fit lengths 16-32; a mechanism not listed runs with its defaults.
 OPTIONS = {'lsh': {'chunk_len': 8, 'n_buckets': 4}, 'linformer': {'max_len': 33, 'k': 8},
-           'performer': {'num_features': 16}, 'longformer': {'window': 4}}
+           'performer': {'num_features': 16}, 'longformer': {'window': 4},
+           'synthesizer': {'max_len': 33}}
 # Padding invariance is exact math for every mechanism: float32 rounding only. LSH
 # gets one chunk there: with several, the first chunk looks back to the last one,
 # which padding changes (a property of chunked LSH, not of the padding mask).

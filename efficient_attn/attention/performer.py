@@ -2,20 +2,19 @@
 
 The softmax kernel exp(q.k / sqrt(d)) is estimated by phi(q).phi(k) with positive
 orthogonal random features, so that attention becomes D^-1 (phi(Q) (phi(K)^T V))
-(Eq. 4 of the paper) at a cost linear in length. The sequence is processed in
-blocks whose features are recomputed in the backward pass, so that no
-`[length, num_features]` array is ever stored (the causal scan keeps one
-`[num_features, head_dim]` prefix sum per chunk).
+(Eq. 4 of the paper) at a cost linear in length, by `kernelized.feature_attention`:
+the sequence is processed in blocks whose features are recomputed in the
+backward pass, so that no `[length, num_features]` array is ever stored (the
+causal scan keeps one `[num_features, head_dim]` prefix sum per chunk).
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_attn.attention import base
+from efficient_attn.attention import base, kernelized
 
 KERNELS = ('softmax', 'relu')
 REDRAW_POLICIES = ('fixed', 'every_call')
@@ -125,69 +124,6 @@ def _key_shift(k_blocks: jax.Array, valid_blocks: jax.Array, features: jax.Array
   return jax.lax.stop_gradient(largest)[..., None, None]
 
 
-def _normalize(out: jax.Array, has_key: jax.Array, dtype) -> jax.Array:
-  """D^-1 numerator from `[..., value_dim + 1]` (D last); zero where no key is visible."""
-  numerator, denominator = out[..., :-1], out[..., -1:]
-  denominator = jnp.where(has_key, denominator, 1.0)
-  return jnp.where(has_key, numerator / denominator, 0.0).astype(dtype)
-
-
-def _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, has_key, query_features,
-                   key_features, num_features):
-  """Non-causal D^-1 phi(Q) (phi(K)^T V), by key blocks then by query blocks."""
-  batch, heads, _, value_dim = v_blocks.shape[1:]
-  state = jnp.zeros((batch, heads, num_features, value_dim), jnp.float32)
-
-  def add_block(state, blocks):
-    k, v, valid = blocks
-    return state + jnp.einsum('bhnm,bhnd->bhmd', key_features(k, valid), v,
-                              preferred_element_type=jnp.float32), None
-
-  state, _ = jax.lax.scan(jax.checkpoint(add_block, prevent_cse=False), state,
-                          (k_blocks, v_blocks, valid_blocks))
-
-  def attend(q):
-    out = jnp.einsum('bhnm,bhmd->bhnd', query_features(q), state,
-                     preferred_element_type=jnp.float32)
-    return _normalize(out, has_key, q.dtype)
-
-  return jax.lax.map(jax.checkpoint(attend, prevent_cse=False), q_blocks)
-
-
-def _causal(q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks, query_features,
-            key_features, num_features):
-  """Causal D^-1 phi(Q) (phi(K)^T V) by prefix sums over chunks.
-
-  Inside a chunk, the masked quadratic form (phi(Q_c) phi(K_c)^T * lower) V_c;
-  earlier chunks enter through the running sum of phi(K)^T V carried by a scan.
-  """
-  batch, heads, chunk_len, value_dim = v_blocks.shape[1:]
-  lower = jnp.tril(jnp.ones((chunk_len, chunk_len), dtype=bool))
-  state = jnp.zeros((batch, heads, num_features, value_dim), jnp.float32)
-
-  def step(state, blocks):
-    q, k, v, valid, has_key = blocks
-    phi_q = query_features(q)
-    phi_k = key_features(k, valid)
-    scores = jnp.einsum('bhim,bhjm->bhij', phi_q, phi_k, preferred_element_type=jnp.float32)
-    scores = jnp.where(lower, scores, 0.0)
-    out = (jnp.einsum('bhij,bhjd->bhid', scores, v, preferred_element_type=jnp.float32)
-           + jnp.einsum('bhim,bhmd->bhid', phi_q, state, preferred_element_type=jnp.float32))
-    state += jnp.einsum('bhjm,bhjd->bhmd', phi_k, v, preferred_element_type=jnp.float32)
-    return state, _normalize(out, has_key, q.dtype)
-
-  _, out = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), state,
-                        (q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks))
-  return out
-
-
-def _mask_blocks(mask: jax.Array, block: int) -> jax.Array:
-  """Bool `[batch, len]` -> `[len // block, batch, 1, block, 1]`, padded with False."""
-  batch = mask.shape[0]
-  mask = base.pad_axis(mask, 1, block, False)
-  return mask.reshape(batch, -1, block).transpose(1, 0, 2)[:, :, None, :, None]
-
-
 def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Array,
                     mask: jax.Array | None = None, causal: bool = False,
                     kernel: str = 'softmax', chunk_len: int = 64,
@@ -210,20 +146,16 @@ def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Arra
     `[batch, q_len, heads, value_dim]` in the dtype of q; zeros for queries with
     no visible key.
   """
-  batch, q_len, _, head_dim = q.shape
+  batch, _, _, head_dim = q.shape
   kv_len = k.shape[1]
-  key_mask = base.key_mask_or_ones(mask, batch, kv_len)
-  q_block = min(chunk_len if causal else block_len, q_len)
-  kv_block = min(chunk_len if causal else block_len, kv_len)
-
   data_scale = jnp.asarray(head_dim**-0.25, q.dtype)
-  # A column of ones after v makes the normaliser D the last output column.
-  v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-  q_blocks = base.to_blocks(base.pad_axis(q * data_scale, 1, q_block), q_block)
-  k_blocks = base.to_blocks(base.pad_axis(k * data_scale, 1, kv_block), kv_block)
-  v_blocks = base.to_blocks(base.pad_axis(v, 1, kv_block), kv_block)
-  valid_blocks = _mask_blocks(key_mask, kv_block)
-  key_shift = _key_shift(k_blocks, valid_blocks, features) if kernel == 'softmax' else None
+  q, k = q * data_scale, k * data_scale
+  key_shift = None
+  if kernel == 'softmax':
+    block = kernelized.block_size(kv_len, causal, chunk_len, block_len)
+    key_mask = base.key_mask_or_ones(mask, batch, kv_len)
+    key_shift = _key_shift(kernelized.to_blocks(k, block),
+                           kernelized.mask_blocks(key_mask, block), features)
 
   def query_features(x):
     return random_features(x, features, kernel, subtract_row_max=True)
@@ -231,15 +163,8 @@ def favor_attention(q: jax.Array, k: jax.Array, v: jax.Array, features: jax.Arra
   def key_features(x, valid):
     return random_features(x, features, kernel, shift=key_shift, valid=valid)
 
-  if causal:
-    has_key_blocks = _mask_blocks(jnp.cumsum(key_mask, axis=1) > 0, q_block)
-    out = _causal(q_blocks, k_blocks, v_blocks, valid_blocks, has_key_blocks,
-                  query_features, key_features, features.shape[0])
-  else:
-    has_key = key_mask.any(axis=1)[:, None, None, None]
-    out = _bidirectional(q_blocks, k_blocks, v_blocks, valid_blocks, has_key,
-                         query_features, key_features, features.shape[0])
-  return base.from_blocks(out)[:, :q_len]
+  return kernelized.feature_attention(q, k, v, query_features, key_features,
+                                      features.shape[0], mask, causal, chunk_len, block_len)
 
 
 @base.register_attention('performer')
