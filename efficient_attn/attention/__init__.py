@@ -5,4 +5,4 @@ from efficient_attn.attention.base import (Attention, RandomAttention, attention
                                            register_attention)
 from efficient_attn.attention.full import FullAttention, dense_attention
 from efficient_attn.attention.blocked import blocked_attention
-from efficient_attn.attention import lsh, linformer, performer, longformer
+from efficient_attn.attention import lsh, linformer, performer, longformer, local, sparse
