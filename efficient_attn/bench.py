@@ -45,6 +45,8 @@ BENCH_OPTIONS = {
     'linformer': {'k': 256},
     'performer': {'num_features': 256},
     'longformer': {'window': 256},
+    'local': {'block_len': 50},
+    'sparse': {'pattern': 'fixed', 'block_len': 128, 'summary_len': 8},
     MHA_LINFORMER: {'k': 256},
 }
 

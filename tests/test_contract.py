@@ -18,6 +18,8 @@ SMALL_OPTIONS = {
     'linformer': {'max_len': LENGTH, 'k': 8},
     'performer': {'num_features': 16},
     'longformer': {'window': 4},
+    'local': {'block_len': 8, 'look_back': True},
+    'sparse': {'block_len': 8, 'summary_len': 2},
 }
 NAMES = ea.available_attentions()
 # Keys 0..19 of row 0 and 0..9 of row 1 are real.
