@@ -10,18 +10,19 @@ How: the blocks become rows of the batch axis, each with its own key block and
 neighbours concatenated behind it (so every key is stored 1 + look_back times),
 and one call of the blocked softmax core (`core.attend`) attends each query
 block to its row, with relative positions for the causal and window rules.
-Time and memory are O(len * block_len); softmax statistics are float32.
+Time is O(len * block_len), memory O(len * head_dim); softmax statistics are
+float32.
 
 Differences from the public LRA code (`lra_benchmarks/models/local/
 local_attention.py`, read at commit a2e5057), on purpose:
-- LRA has no look-back: each query sees its own block only, which is the
-  default here (`look_back=False`).
+- LRA has no look-back option: each query sees its own block only, which is
+  the default here (`look_back=False`); LRA's default block is 50 tokens.
 - LRA reshapes `[batch, len]` to `[batch, block_size, len // block_size]` and
   attends over the `block_size` axis, so a query there sees the keys at
   positions equal to its own modulo len / block_size (a strided pattern), not
   its contiguous block, while its padding mask is cut into contiguous blocks
   and so applied to other tokens than the ones it masks. This module computes
-  the contiguous blocks the LRA paper describes, with a correct mask.
+  contiguous blocks, which local attention means and LRA's mask assumes.
 - LRA pads a whole extra block when the length is already a multiple of
   `block_size`, and combines query and key padding; here padding queries
   simply give outputs that callers ignore.

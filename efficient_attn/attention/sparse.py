@@ -1,42 +1,43 @@
 """Sparse Transformer attention (Child et al. 2019): the strided and fixed factorised patterns.
 
-What is computed, with l = `block_len` and c = `summary_len`, as one softmax
-over the union of a pattern's two sets (the "merged head" of Section 4.3):
-- strided (Section 4.2, Figure 3b): query i sees the keys j with |i - j| <= l
-  and those with (i - j) mod l = 0.
-- fixed (Section 4.2, Figure 3c): query i sees the keys of its own block
-  (floor(j / l) = floor(i / l)) and the summary keys, the last c of every
-  block (j mod l >= l - c).
+What is computed, with l = `block_len` and c = `summary_len`: one softmax over
+the union of a pattern's two index sets A(1) and A(2) (Section 4.3 and
+Figure 3; the union is the "merged head" of Section 5.1):
+- strided: query i sees the keys j with |i - j| <= l (A(1)) and those with
+  (i - j) mod l = 0 (A(2)).
+- fixed: query i sees the keys of its own block, floor(j / l) = floor(i / l)
+  (A(1)), and the summary keys, the last c of every block, j mod l >= l - c
+  (A(2)).
 Causal mode (the paper's setting) keeps only the keys j <= i; non-causal mode
 is the same pattern over both directions. Padding keys are never seen. With
 l >= len (strided) or c = l (fixed) every key is seen: exact attention.
 
-How it is computed, block-sparse (only the attended keys are ever multiplied,
-no `len x len` mask or score array in forward or backward), as calls of the
-blocked softmax core (`core.attend`) over disjoint key sets, combined by
-log-sum-exp (`core.merge`):
-- strided: offsets l are multiples of l, so the union is the band
+How it is computed, block-sparse: only attended keys are multiplied, and no
+`len x len` mask or score array exists in forward or backward. Each pattern is
+split into disjoint key sets, each one call of the blocked softmax core
+(`core.attend`), combined by log-sum-exp (`core.merge`):
+- strided: offset l is a multiple of l, so the union is the band
   |i - j| <= l - 1 plus the column {j : (i - j) mod l = 0, j != i}. The band
-  is `local.block_attention` over blocks of l with one neighbour on each side
-  (before only, when causal). The columns are a transpose: viewed as
-  `[len / l, l]`, the positions with one remainder mod l form a column of
-  len / l tokens, attended in full except the query itself; "another column
-  row before it" is the core's causal rule on the row index shifted by one,
-  "after it" the same rule on reversed indices. O(len * (3 l + len / l)).
-- fixed: the queries' own blocks with their summary keys hidden
+  is `local.block_attention` over blocks of l, each reading its neighbour
+  blocks (only the one before when causal) under the core's window rule. The
+  columns are a transpose: viewed as `[len / l, l]`, the tokens of one
+  remainder mod l form a column of len / l rows; "an earlier row" is the
+  core's causal rule on row indices shifted by one, "a later row" the same
+  rule on reversed indices. Time O(len * (3 l + len / l)).
+- fixed: the queries' own blocks with the summary keys hidden
   (`local.block_attention`), plus every query over the gathered summary keys
-  (`len / l * c` of them) under the core's causal rule on absolute positions.
-  O(len * (l + len * c / l)).
+  (len / l * c of them) under the core's causal rule on absolute positions.
+  Time O(len * (l + len * c / l)).
 The length is padded to a multiple of l. Softmax statistics are float32.
 
 Differences from the public LRA code (`lra_benchmarks/models/sparse_transformer/
-sparse_attention.py`, read at commit ad0ff01): LRA builds a dense
-`[len, len]` mask (O(len^2) memory) and is always causal, also in the
-classifiers; its fixed pattern also makes the first key of every block a
-summary key (remainder 0, its reading of the paper's "{t, ..., l}"), which
-here is not, as j mod l < l; its strided pattern's local band is
-`bandwidth - 1` keys wide. Defaults follow LRA's default (the paper's EnWik8
-setting): fixed, l = 128, c = 32.
+sparse_attention.py`, read at commit ad0ff01), on purpose: LRA builds a dense
+`[len, len]` mask (O(len^2) time and memory) and is always causal, also in the
+classifiers, where this module follows the `causal` argument. The paper writes
+A(2) of the fixed pattern as {j : j mod l in {t, ..., l}}, t = l - c; here
+that is the c remainders l - c ... l - 1 (c summary cells), while LRA also
+counts remainder 0, the first key of every block (c + 1 cells). Defaults
+follow LRA's default, the paper's EnWik8 setting: fixed, l = 128, c = 32.
 """
 
 import jax
