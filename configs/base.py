@@ -42,9 +42,9 @@ def attention_defaults(attention: str, length: int) -> dict:
       'linformer': {'k': max(4, min(256, length // 4)), 'max_len': length},
       'performer': {'num_features': max(16, min(256, length // 2))},
       'longformer': {'window': max(2, min(128, length // 8))},
+      # LRA: local blocks of 50; sparse 'fixed' with l = 128 and c = 32 (c = l / 4).
       'local': {'block_len': max(4, min(50, length // 8))},
-      'sparse': {'block_len': max(4, min(128, length // 8)),
-                 'summary_len': max(1, min(32, length // 32))},
+      'sparse': {'block_len': max(4, min(128, length // 8))},
   }
   return table.get(attention, {})
 

@@ -14,8 +14,14 @@ from test_local import (assert_matches_oracle, causal_zero_gradient_from_the_fut
 from test_longformer import assert_same_values_and_grads, jit, make_qkv, random_mask
 
 
+def small(pattern, block_len=6):
+  """Options of `pattern` for short tests: blocks of 6, 2 summary keys for 'fixed'."""
+  return {'pattern': pattern, 'block_len': block_len,
+          'summary_len': 2 if pattern == 'fixed' else None}
+
+
 def sparse_visibility(length, pattern, block_len, summary_len, causal, mask):
-  """The dense `[batch, len, len]` visibility of Child et al.'s patterns (Section 4.2)."""
+  """The dense `[batch, len, len]` visibility of Child et al.'s patterns (Section 4.3)."""
   i, j = np.arange(length)[:, None], np.arange(length)[None, :]
   if pattern == 'strided':
     visible = (np.abs(i - j) <= block_len) | ((i - j) % block_len == 0)
@@ -25,7 +31,7 @@ def sparse_visibility(length, pattern, block_len, summary_len, causal, mask):
 
 
 @pytest.mark.parametrize('pattern,block_len,summary_len,causal', [
-    ('strided', 64, 1, False), ('strided', 40, 1, True), ('fixed', 8, 8, False),
+    ('strided', 64, None, False), ('strided', 40, None, True), ('fixed', 8, 8, False),
     ('fixed', 64, 3, True)])
 def test_pattern_covering_everything_is_exact_attention(pattern, block_len, summary_len, causal):
   # strided: block_len >= len; fixed: every key is a summary key or the block is everything.
@@ -38,7 +44,8 @@ def test_pattern_covering_everything_is_exact_attention(pattern, block_len, summ
 
 
 @pytest.mark.parametrize('length,pattern,block_len,summary_len,causal', [
-    (37, 'strided', 5, 1, False), (45, 'strided', 4, 1, True), (30, 'strided', 1, 1, False),
+    (37, 'strided', 5, None, False), (45, 'strided', 4, None, True),
+    (30, 'strided', 1, None, False),
     (37, 'fixed', 8, 2, False), (45, 'fixed', 6, 1, True), (40, 'fixed', 5, 3, False)])
 def test_pattern_matches_dense_oracle(length, pattern, block_len, summary_len, causal):
   assert_matches_oracle(
@@ -51,13 +58,13 @@ def test_pattern_matches_dense_oracle(length, pattern, block_len, summary_len, c
 @pytest.mark.parametrize('pattern', ['strided', 'fixed'])
 def test_causality_no_gradient_from_the_future(pattern):
   causal_zero_gradient_from_the_future(
-      lambda q, k, v: sparse_attention(q, k, v, None, True, pattern, block_len=6, summary_len=2))
+      lambda q, k, v: sparse_attention(q, k, v, None, True, **small(pattern)))
 
 
 @pytest.mark.parametrize('pattern', ['strided', 'fixed'])
 def test_padding_in_q_k_and_v_changes_nothing(pattern):
   padding_changes_nothing(lambda q, k, v, mask: sparse_attention(
-      q, k, v, mask, False, pattern, block_len=6, summary_len=2))
+      q, k, v, mask, False, **small(pattern)))
 
 
 @pytest.mark.parametrize('pattern', ['strided', 'fixed'])
@@ -67,7 +74,7 @@ def test_query_with_no_visible_key_gives_zeros_and_finite_gradients(pattern):
   # Row 0: every key is padding. Row 1: only keys 0..3 are real, so causal
   # queries see them and nothing else.
   mask = jnp.zeros((2, length), bool).at[1, :4].set(True)
-  attention = lambda q, k, v: sparse_attention(q, k, v, mask, True, pattern, 8, 2)
+  attention = lambda q, k, v: sparse_attention(q, k, v, mask, True, **small(pattern, 8))
   out, (dq, dk, dv) = jit(lambda q, k, v: (attention(q, k, v), gradients_of_sum_of_squares(
       attention)(q, k, v)))(q, k, v)
   for x in (out, dq, dk, dv):
@@ -82,15 +89,16 @@ def test_bfloat16_inputs(pattern, causal):
   results = assert_matches_oracle(
       lambda q, k, v, mask: sparse_attention(
           q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), mask, causal,
-          pattern, 6, 2),
-      lambda mask: sparse_visibility(length, pattern, 6, 2, causal, mask), length, rtol=2e-2)
+          **small(pattern)),
+      lambda mask: sparse_visibility(length, causal=causal, mask=mask, **small(pattern)), length,
+      rtol=2e-2)
   assert results[0].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize('pattern', ['strided', 'fixed'])
 def test_module_under_jit_and_pmap_matches_one_device(pattern):
   module_under_pmap_matches_one_device(
-      ea.make_attention('sparse', pattern=pattern, block_len=6, summary_len=2))
+      ea.make_attention('sparse', **small(pattern)))
 
 
 @pytest.mark.parametrize('pattern', ['strided', 'fixed'])
@@ -98,7 +106,7 @@ def test_no_length_squared_array_forward_or_backward(pattern):
   length = 2048
   q, k, v = make_qkv(length, batch=1)
   grads = gradients_of_sum_of_squares(
-      lambda q, k, v: sparse_attention(q, k, v, None, False, pattern, 64, 4))
+      lambda q, k, v: sparse_attention(q, k, v, None, False, **small(pattern, 64)))
   assert_no_length_squared_array(grads, q, k, v)
 
 
@@ -121,9 +129,14 @@ def test_bad_options_name_the_argument(option, value):
     ea.make_attention('sparse', **{option: value})
 
 
-def test_summary_longer_than_block_raises():
+def test_summary_len_default_and_its_errors():
+  assert ea.make_attention('sparse', block_len=16).summary_len == 4
+  assert ea.make_attention('sparse', block_len=2).summary_len == 1
+  assert ea.make_attention('sparse', pattern='strided', block_len=16).summary_len is None
   with pytest.raises(ValueError, match='summary_len must be at most block_len.*9.*8'):
     ea.make_attention('sparse', block_len=8, summary_len=9)
+  with pytest.raises(ValueError, match="summary_len applies to pattern='fixed' only, got 2"):
+    ea.make_attention('sparse', pattern='strided', summary_len=2)
 
 
 def test_bad_pattern_of_the_function_raises():

@@ -37,7 +37,8 @@ classifiers, where this module follows the `causal` argument. The paper writes
 A(2) of the fixed pattern as {j : j mod l in {t, ..., l}}, t = l - c; here
 that is the c remainders l - c ... l - 1 (c summary cells), while LRA also
 counts remainder 0, the first key of every block (c + 1 cells). Defaults
-follow LRA's default, the paper's EnWik8 setting: fixed, l = 128, c = 32.
+follow LRA's default, the paper's EnWik8 setting: fixed, l = 128, c = 32
+(c = l / 4 by default).
 """
 
 import jax
@@ -117,9 +118,33 @@ def _fixed(q, k, v, key_valid, block_len, summary_len, causal):
   return core.merge([own, summary])
 
 
+def summary_len_of(pattern: str, block_len: int, summary_len: int | None) -> int | None:
+  """The checked summary length: `summary_len`, by default block_len // 4 (at least 1) for 'fixed'.
+
+  Raises ValueError unless `pattern` is known, `block_len` and `summary_len`
+  are positive ints with summary_len <= block_len, and summary_len is None for
+  'strided' (which has no summary keys).
+  """
+  base.check_choice('pattern', pattern, PATTERNS)
+  base.check_positive_int('block_len', block_len)
+  if pattern == 'strided':
+    if summary_len is not None:
+      raise ValueError(f"summary_len applies to pattern='fixed' only, got {summary_len!r} "
+                       "with pattern='strided'")
+    return None
+  if summary_len is None:
+    return max(1, block_len // 4)
+  base.check_positive_int('summary_len', summary_len)
+  if summary_len > block_len:
+    raise ValueError(
+        f'summary_len must be at most block_len, got summary_len={summary_len} and '
+        f'block_len={block_len}')
+  return summary_len
+
+
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
                      causal: bool = False, pattern: str = 'fixed', block_len: int = 128,
-                     summary_len: int = 32, scale: float | None = None) -> jax.Array:
+                     summary_len: int | None = None, scale: float | None = None) -> jax.Array:
   """Sparse Transformer attention with the strided or fixed pattern, block-sparse.
 
   Args:
@@ -131,27 +156,26 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     pattern: 'strided' or 'fixed'.
     block_len: l, the stride and band width ('strided') or the block length
       ('fixed').
-    summary_len: c, the summary keys at the end of every block ('fixed' only),
-      1 <= c <= l.
+    summary_len: c, the summary keys at the end of every block ('fixed' only,
+      None for 'strided'), 1 <= c <= l; default l // 4 (LRA's 32 of 128).
     scale: logit scale, default 1/sqrt(head_dim).
 
   Returns:
     `[batch, len, heads, value_dim]` in the dtype of q; zeros for queries with
     no visible key.
   """
-  base.check_choice('pattern', pattern, PATTERNS)
+  summary_len = summary_len_of(pattern, block_len, summary_len)
   batch, length, _, head_dim = q.shape
   scale = base.default_scale(head_dim) if scale is None else scale
   # A block longer than the sequence sees what one block of the sequence sees.
   block_len = min(block_len, length)
-  summary_len = min(summary_len, block_len)
   pad = lambda x, value=0: base.pad_axis(x, 1, block_len, value)
   key_valid = pad(base.key_mask_or_ones(mask, batch, length), False)
   q, k, v = pad(q * jnp.asarray(scale, q.dtype)), pad(k), pad(v)
   if pattern == 'strided':
     out, _ = _strided(q, k, v, key_valid, block_len, causal)
   else:
-    out, _ = _fixed(q, k, v, key_valid, block_len, summary_len, causal)
+    out, _ = _fixed(q, k, v, key_valid, block_len, min(summary_len, block_len), causal)
   return out[:, :length]
 
 
@@ -162,18 +186,11 @@ class SparseAttention(base.Attention):
   Options as `sparse_attention`.
   """
 
-  def __init__(self, pattern: str = 'fixed', block_len: int = 128, summary_len: int = 32, *,
-               rngs: nnx.Rngs | None = None):
-    base.check_choice('pattern', pattern, PATTERNS)
-    base.check_positive_int('block_len', block_len)
-    base.check_positive_int('summary_len', summary_len)
-    if summary_len > block_len:
-      raise ValueError(
-          f'summary_len must be at most block_len, got summary_len={summary_len} and '
-          f'block_len={block_len}')
+  def __init__(self, pattern: str = 'fixed', block_len: int = 128,
+               summary_len: int | None = None, *, rngs: nnx.Rngs | None = None):
     self.pattern = pattern
     self.block_len = block_len
-    self.summary_len = summary_len
+    self.summary_len = summary_len_of(pattern, block_len, summary_len)
 
   def __call__(self, q, k, v, mask=None, causal=False, *, deterministic=None, rngs=None):
     base.check_inputs(q, k, v, mask, self_attention=True)
