@@ -21,7 +21,7 @@ def small(pattern, block_len=6):
 
 
 def sparse_visibility(length, pattern, block_len, summary_len, causal, mask):
-  """The dense `[batch, len, len]` visibility of Child et al.'s patterns (Section 4.3)."""
+  """The dense `[batch, len, len]` visibility of Child et al.'s patterns (their Figure 3)."""
   i, j = np.arange(length)[:, None], np.arange(length)[None, :]
   if pattern == 'strided':
     visible = (np.abs(i - j) <= block_len) | ((i - j) % block_len == 0)

@@ -1,8 +1,9 @@
 """Sparse Transformer attention (Child et al. 2019): the strided and fixed factorised patterns.
 
 What is computed, with l = `block_len` and c = `summary_len`: one softmax over
-the union of a pattern's two index sets A(1) and A(2) (Section 4.3 and
-Figure 3; the union is the "merged head" of Section 5.1):
+the union of a pattern's two index sets A(1) and A(2) (the paper's
+"Factorized self-attention" section and Figure 3; one softmax over the union is
+its "merged head" option of "Factorized attention heads"):
 - strided: query i sees the keys j with |i - j| <= l (A(1)) and those with
   (i - j) mod l = 0 (A(2)).
 - fixed: query i sees the keys of its own block, floor(j / l) = floor(i / l)
@@ -28,7 +29,8 @@ split into disjoint key sets, each one call of the blocked softmax core
   (`local.block_attention`), plus every query over the gathered summary keys
   (len / l * c of them) under the core's causal rule on absolute positions.
   Time O(len * (l + len * c / l)).
-The length is padded to a multiple of l. Softmax statistics are float32.
+The length is padded to a multiple of l. Memory is O(len * head_dim) (the
+strided band stores k and v three times). Softmax statistics are float32.
 
 Differences from the public LRA code (`lra_benchmarks/models/sparse_transformer/
 sparse_attention.py`, read at commit ad0ff01), on purpose: LRA builds a dense
