@@ -51,6 +51,9 @@ def attention_defaults(attention: str, length: int) -> dict:
       'longformer': {'window': max(2, min(128, length // 8))},
       # The public LRA code's default: factorized random logits of rank 32.
       'synthesizer': {'max_len': length, 'rank': min(32, length)},
+      # LRA: local blocks of 50; sparse 'fixed' with l = 128 and c = 32 (c = l / 4).
+      'local': {'block_len': max(4, min(50, length // 8))},
+      'sparse': {'block_len': max(4, min(128, length // 8))},
   }
   return table.get(attention, {})
 

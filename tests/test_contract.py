@@ -24,6 +24,8 @@ SMALL_OPTIONS = {
     'linear': {'chunk_len': 4, 'block_len': 8, 'chunks_per_step': 2},
     'synthesizer': {'max_len': LENGTH, 'variant': 'dense', 'num_heads': HEADS,
                     'head_dim': HEAD_DIM},
+    'local': {'block_len': 8, 'look_back': True},
+    'sparse': {'block_len': 8, 'summary_len': 2},
 }
 NAMES = ea.available_attentions()
 # Keys 0..19 of row 0 and 0..9 of row 1 are real.

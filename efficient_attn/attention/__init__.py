@@ -6,4 +6,4 @@ from efficient_attn.attention.base import (Attention, RandomAttention, attention
 from efficient_attn.attention.full import FullAttention, dense_attention
 from efficient_attn.attention.blocked import blocked_attention
 from efficient_attn.attention import lsh, linformer, performer, longformer, sinkhorn, \
-    routing, bigbird, linear, synthesizer
+    routing, bigbird, linear, synthesizer, local, sparse
