@@ -27,12 +27,17 @@ def parse_arg(arg: str | None, default_attention: str = 'full',
   return attention, scale
 
 
-def attention_defaults(attention: str, length: int) -> dict:
+def attention_defaults(attention: str, length: int, scale: str = 'cpu') -> dict:
   """Options of `attention` for sequences of `length` tokens: the one table of them.
+
+  At `paper` scale the settings of the public LRA code replace ours where they
+  differ (`LRA_ATTENTION`); at the other scales budgets shrink with the length,
+  so that short sequences still split into several blocks, chunks or clusters.
 
   Args:
     attention: a registered attention name.
     length: tokens the attention sees (a CLS token included).
+    scale: one of SCALES.
 
   Returns:
     Options for `make_attention`; {} for mechanisms without tunable settings.
@@ -48,14 +53,27 @@ def attention_defaults(attention: str, length: int) -> dict:
       'sinkhorn': {'block_len': max(4, min(50, length // 8))},
       'routing': {'num_clusters': max(1, round(length ** 0.5))},
       'bigbird': {'block_len': max(4, min(64, length // 16)), 'num_random_blocks': 3},
-      'longformer': {'window': max(2, min(128, length // 8))},
       # The public LRA code's default: factorized random logits of rank 32.
       'synthesizer': {'max_len': length, 'rank': min(32, length)},
-      # LRA: local blocks of 50; sparse 'fixed' with l = 128 and c = 32 (c = l / 4).
       'local': {'block_len': max(4, min(50, length // 8))},
+      # LRA: 'fixed' with l = 128 and c = 32 (c = l / 4, our default summary_len).
       'sparse': {'block_len': max(4, min(128, length // 8))},
   }
-  return table.get(attention, {})
+  options = table.get(attention, {})
+  if scale == 'paper':
+    options = {**options, **LRA_ATTENTION.get(attention, {})}
+  return options
+
+
+# The attention settings of the public LRA code, used at `paper` scale.
+LRA_ATTENTION = {
+    'lsh': {'chunk_len': 10, 'n_hashes': 1},
+    'longformer': {'window': 512},
+    'sinkhorn': {'block_len': 50},
+    'bigbird': {'block_len': 64, 'num_random_blocks': 3},
+    'local': {'block_len': 50},
+    'sparse': {'block_len': 128},
+}
 
 
 def task_config(*, task: str, attention: str, scale: str, seq_len: int, model: dict,
@@ -91,7 +109,7 @@ def task_config(*, task: str, attention: str, scale: str, seq_len: int, model: d
       **model}
   # A CLS token is one more position for the attention.
   length = seq_len + (model['pooling'] == 'cls')
-  config.model = {**model, 'attention_options': attention_defaults(attention, length)}
+  config.model = {**model, 'attention_options': attention_defaults(attention, length, scale)}
   config.data = {
       'seq_len': seq_len, 'batch_size': 32, 'data_dir': config_dict.placeholder(str),
       'prepare_if_missing': True, **(data or {})}

@@ -104,3 +104,12 @@ def test_linformer_length_covers_a_cls_token(name):
     config = importlib.import_module(f'configs.{name}').get_config(f'linformer,{scale}')
     cls = config.model.pooling == 'cls'
     assert config.model.attention_options.max_len == config.data.seq_len + cls, scale
+
+
+def test_paper_scale_takes_the_lra_attention_settings():
+  from configs import base, listops
+  for attention, options in base.LRA_ATTENTION.items():
+    got = listops.get_config(f'{attention},paper').model.attention_options
+    assert {k: got[k] for k in options} == options
+  cpu = listops.get_config('longformer,cpu').model.attention_options
+  assert cpu.max_global == 1 and not cpu.check_global_count and cpu.window == 64
