@@ -10,7 +10,12 @@ the error is ||Y - Y_exact|| / ||Y_exact|| (Frobenius, averaged over seeds),
 with Y_exact from exact attention on the same q, k, v. The budget axis is the
 number of keys (or features) each query pays for: Performer `num_features`,
 Linformer `k`, Longformer 2 * window + 1, LSH n_hashes * 3 * chunk_len (own,
-previous and next chunk). Writes experiments/results/approximation.{md,json,png}.
+previous and next chunk), local `block_len`, sparse (fixed) block_len plus the
+summary keys of all blocks, BigBird 8 blocks, Sinkhorn 2 blocks (own and sorted),
+Routing length / num_clusters. Sinkhorn and Routing run with their learned parts
+at initialisation. `linear` and `synthesizer` are left out: they are other
+models, not approximations of softmax attention with a budget.
+Writes experiments/results/approximation.{md,json,png}.
 """
 
 import argparse
@@ -27,14 +32,23 @@ import efficient_attn as ea
 
 HEADS, HEAD_DIM, MODEL_DIM = 8, 64, 512
 
-# (mechanism, options for each budget, budget of each).
-SWEEPS = {
-    'performer': [({'num_features': m}, m) for m in (16, 32, 64, 128, 256, 512, 1024)],
-    'linformer': [({'k': k}, k) for k in (16, 32, 64, 128, 256, 512, 1024)],
-    'longformer': [({'window': w}, 2 * w + 1) for w in (8, 16, 32, 64, 128, 256, 512)],
-    'lsh': [({'chunk_len': c, 'n_hashes': h, 'shared_qk': False, 'n_chunks_after': 1}, 3 * c * h)
-            for c, h in ((16, 1), (16, 2), (32, 2), (64, 2), (64, 4), (128, 4), (256, 4))],
-}
+def sweeps(length: int) -> dict:
+  """{mechanism: [(options, budget)]}: the budgets each mechanism is run at, for `length`."""
+  return {
+      'performer': [({'num_features': m}, m) for m in (16, 32, 64, 128, 256, 512, 1024)],
+      'linformer': [({'k': k, 'max_len': length}, k) for k in (16, 32, 64, 128, 256, 512, 1024)],
+      'longformer': [({'window': w}, 2 * w + 1) for w in (8, 16, 32, 64, 128, 256, 512)],
+      'lsh': [({'chunk_len': c, 'n_hashes': h, 'shared_qk': False, 'n_chunks_after': 1},
+               3 * c * h)
+              for c, h in ((16, 1), (16, 2), (32, 2), (64, 2), (64, 4), (128, 4), (256, 4))],
+      'local': [({'block_len': b}, b) for b in (16, 32, 64, 128, 256, 512)],
+      'sparse': [({'pattern': 'fixed', 'block_len': b, 'summary_len': 8}, b + length // b * 8)
+                 for b in (32, 64, 128, 256, 512)],
+      # 3 window, 2 global and 3 random blocks per query block.
+      'bigbird': [({'block_len': b}, 8 * b) for b in (8, 16, 32, 64, 128)],
+      'sinkhorn': [({'block_len': b}, 2 * b) for b in (16, 32, 64, 128, 256, 512)],
+      'routing': [({'num_clusters': c}, -(-length // c)) for c in (64, 32, 16, 8, 4)],
+  }
 
 
 def text_bytes(length: int, seed: int) -> np.ndarray:
@@ -92,10 +106,8 @@ def run(length: int, seeds: int) -> list[dict]:
   for kind, make_qkv in (('text', text_qkv), ('noise', noise_qkv)):
     inputs = [make_qkv(length, seed) for seed in range(seeds)]
     references = [exact(q, k, v) for q, k, v in inputs]
-    for name, sweep in SWEEPS.items():
+    for name, sweep in sweeps(length).items():
       for options, budget in sweep:
-        if name == 'linformer':
-          options = {**options, 'max_len': length}
         errors = []
         for seed, ((q, k, v), y_exact) in enumerate(zip(inputs, references)):
           attn = ea.make_attention(name, rngs=nnx.Rngs(seed), **options)
@@ -133,7 +145,7 @@ def write_results(rows: list[dict], length: int, seeds: int, out_stem: str) -> N
 
   figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
   for axis, kind in zip(axes, ('text', 'noise')):
-    for name in SWEEPS:
+    for name in sweeps(length):
       points = [(r['budget'], r['error']) for r in rows
                 if r['input'] == kind and r['attention'] == name]
       axis.plot(*zip(*points), marker='o', label=name)
