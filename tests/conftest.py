@@ -20,3 +20,20 @@ def prepared_dir(tmp_path_factory):
   generated.prepare('listops', 'tiny', root)
   generated.prepare('pathfinder', 'tiny', root)
   return root
+
+
+# Per-mechanism variants of what tests/test_contract.py checks for every
+# mechanism (bfloat16, fully masked rows, multi-device): deeper, and slow to
+# compile, so outside the default run; `python -m pytest -m slow` runs them.
+_MECHANISM_FILES = ('test_local', 'test_sparse', 'test_bigbird', 'test_linear', 'test_sinkhorn',
+                    'test_routing', 'test_synthesizer', 'test_lsh', 'test_longformer',
+                    'test_performer', 'test_linformer')
+_SLOW_IN_MECHANISM_FILES = ('pmap', 'bfloat16', 'fully_masked')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config  # unused
+  for item in items:
+    if (item.path.stem in _MECHANISM_FILES
+        and any(word in item.name for word in _SLOW_IN_MECHANISM_FILES)):
+      item.add_marker(pytest.mark.slow)
