@@ -1,7 +1,7 @@
 """How close each efficient mechanism gets to exact attention, as a function of its budget.
 
 Usage:
-  python experiments/approximation.py
+  python -m experiments.approximation
 
 Queries, keys and values come from a random-init attention layer applied to real
 text (byte embeddings of Python standard-library source plus sinusoidal
@@ -127,7 +127,7 @@ def write_results(rows: list[dict], length: int, seeds: int, out_stem: str) -> N
   with open(out_stem + '.json', 'w') as f:
     json.dump({'length': length, 'seeds': seeds, 'rows': rows}, f, indent=1)
   lines = ['# Approximation error against exact attention', '',
-           f'Command: `python experiments/approximation.py --length {length} --seeds {seeds}`', '',
+           f'Command: `python -m experiments.approximation --length {length} --seeds {seeds}`', '',
            f'Length {length}, {HEADS} heads, head_dim {HEAD_DIM}, batch 1, mean over {seeds} '
            'seeds of ||Y - Y_exact|| / ||Y_exact||. "text": q, k, v from a random-init '
            'attention layer on Python source bytes, logits rescaled to standard deviation 2; '

@@ -1,7 +1,7 @@
 """Data speed: ListOps and Pathfinder generation rates; what the input pipeline adds to a step.
 
   git show COMMIT:efficient_attn/data/pipeline.py > /tmp/old_pipeline.py  # an older version
-  python experiments/data_speed.py --compare_with /tmp/old_pipeline.py
+  python -m experiments.data_speed --compare_with /tmp/old_pipeline.py
 
 Writes experiments/results/data_speed.md. Rates are given per wall-clock second
 and per CPU second of this process (the second does not depend on other load on
@@ -188,7 +188,7 @@ def main():
   tasks = [lambda: get_task('listops', args.data_dir, config='small'),
            lambda: get_task('pathfinder', args.data_dir, config='tiny'),
            lambda: get_task('stdlib_lm', seq_len=512)]
-  command = ' '.join(['python experiments/data_speed.py', *sys.argv[1:]])
+  command = ' '.join(['python -m experiments.data_speed', *sys.argv[1:]])
   rows = [
       '# Data speed', '',
       f'Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other work while '

@@ -1,7 +1,7 @@
 """A grid of generated Pathfinder images (32, 64, 128 px; easy and hard) with their labels.
 
 Usage:
-  python experiments/pathfinder_samples.py --seed 0
+  python -m experiments.pathfinder_samples --seed 0
 
 Writes experiments/results/pathfinder_samples.png (or --out).
 """

@@ -1,6 +1,6 @@
 """Activation memory of one training step: reversible blocks against ordinary ones, by depth.
 
-  PYTHONPATH=. python experiments/reversible_memory.py --length 4096 --layers 1,12
+  python -m experiments.reversible_memory --length 4096 --layers 1,12
 
 Each case (layers, reversible, ff_chunk_size) runs in a fresh interpreter, which
 builds a small Classifier (emb 128, 4 heads, mlp 512, Longformer window 128, so
@@ -67,7 +67,7 @@ def run_case(layers: int, reversible: bool, ff_chunk_size: int | None, length: i
 
 def run_in_subprocess(case: dict) -> dict:
   """`run_case(**case)` in a fresh interpreter."""
-  command = [sys.executable, __file__, '--case', json.dumps(case)]
+  command = [sys.executable, '-m', 'experiments.reversible_memory', '--case', json.dumps(case)]
   done = subprocess.run(command, capture_output=True, text=True, check=True)
   return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -126,7 +126,7 @@ def main():
                     length=args.length, repeats=args.repeats)
         rows.append(run_in_subprocess(case))
         print(json.dumps(rows[-1]), flush=True)
-  write_table(rows, 'PYTHONPATH=. python experiments/reversible_memory.py ' +
+  write_table(rows, 'python -m experiments.reversible_memory ' +
               ' '.join(sys.argv[1:]), bench.machine_info())
 
 

@@ -1,6 +1,6 @@
 """Training speed of every attention on one task config: steps/s and the trainer's overhead.
 
-  PYTHONPATH=. python experiments/train_speed.py --config configs/listops.py --scale cpu --steps 20
+  python -m experiments.train_speed --config configs/listops.py --scale cpu --steps 20
 
 For each registered attention: the config's model and optimizer, its jitted train
 step fed by `make_batches` as in `train_and_evaluate` (data-parallel over every
@@ -77,7 +77,7 @@ def main():
     print(name, result, flush=True)
   lines = [
       '# Training speed', '',
-      f'Command: `PYTHONPATH=. python experiments/train_speed.py --config {args.config} --scale {args.scale} '
+      f'Command: `python -m experiments.train_speed --config {args.config} --scale {args.scale} '
       f'--steps {args.steps} --warmup {args.warmup}`. Machine: {platform.machine()}, '
       f'{os.cpu_count()} cores, {jax.device_count()} {jax.default_backend()} device(s), jax '
       f'{jax.__version__}; load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f} '
