@@ -7,6 +7,7 @@ that the two processes read (`TwoShards`), so both see the same global batches.
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +37,9 @@ def free_port() -> int:
 def launch_two(workdir, data_dir, cache_dir, *flags) -> list[subprocess.Popen]:
   """launch.py with `flags` as processes 0 and 1 of a run, one CPU device each."""
   port = free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  # conftest's flags (no LLVM optimisation), with one device per process.
+  xla_flags = re.sub(r'device_count=\d+', 'device_count=1', os.environ['XLA_FLAGS'])
+  env = {**os.environ, 'XLA_FLAGS': xla_flags,
          'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
   command = [sys.executable, str(ROOT / 'launch.py'),
