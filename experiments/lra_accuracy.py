@@ -19,7 +19,6 @@ import argparse
 import ast
 import concurrent.futures
 import dataclasses
-import inspect
 import json
 import math
 import pathlib
@@ -49,6 +48,8 @@ TASKS = {
     'pathfinder32': ('configs/pathfinder.py', ',32'),
     'pathx': ('configs/pathfinder.py', ',128'),
 }
+# Tasks whose data are generated here (the others need downloads).
+GENERATED = ('listops', 'pathfinder32', 'pathx')
 TITLES = {'listops': 'ListOps', 'text': 'Text', 'retrieval': 'Retrieval', 'image': 'Image',
           'pathfinder32': 'Pathfinder', 'pathx': 'Path-X'}
 # The eleven models of LRA Table 1, in its order, and their test accuracy (%) there
@@ -158,29 +159,32 @@ def make_run(task: str, attention: str, seed: int, scale: str, runs_dir: pathlib
   return Run(task, attention, seed, ROOT / workdir, command)
 
 
-def can_prepare(task: str) -> bool:
-  """Whether the task's data are generated here (its loader takes prepare_if_missing)."""
-  return 'prepare_if_missing' in inspect.signature(tasks_lib.TASKS[task]).parameters
-
-
-def load_data(config, prepare: bool):
-  """(splits, None) of a config's task, or (None, what provides the data) when absent.
+def load_data(task: str, config, prepare: bool):
+  """(splits, None) of a task's config, or (None, what provides the data) when absent.
 
   Args:
-    config: a task config.
-    prepare: generate missing generated data (ListOps, Pathfinder) now.
+    task: a key of TASKS.
+    config: its config.
+    prepare: generate the data of a GENERATED task now if they are not there.
 
   Returns:
     The `trainer.load_tasks` dict, or None and a message naming the command or
     download that provides the data.
   """
+  data = config.data
   config = config.copy_and_resolve_references()
-  config.data.prepare_if_missing = prepare
+  config.data.prepare_if_missing = False
   try:
+    if prepare and task in GENERATED:
+      # Prepares every split, here rather than in concurrent runs (and for Path-X,
+      # whose loader takes its options as **options, so `load_tasks` passes it no
+      # prepare_if_missing).
+      tasks_lib.get_task(config.task, data.data_dir, 'train', data.seq_len,
+                         prepare_if_missing=True, **config.task_options)
     return trainer.load_tasks(config), None
   except MissingDataError as error:
-    if can_prepare(config.task):
-      return None, f'not prepared yet; the first run generates it ({error})'
+    if task in GENERATED:
+      return None, f'not prepared yet; generated before the runs ({error})'
     return None, f'missing: {error} (see `python -m efficient_attn.data.prepare status`)'
 
 
@@ -199,25 +203,51 @@ def latest_step(workdir: pathlib.Path) -> int:
 
 
 def run_state(run: Run) -> str:
-  """'done' (results.json), 'resumable from step N' (checkpoints) or 'new'."""
+  """'done' (results.json), 'resumable from step N' (checkpoints) or 'new', and a failure."""
   if (run.workdir / 'results.json').exists():
     return 'done'
   step = latest_step(run.workdir)
-  return f'resumable from step {step}' if step else 'new'
+  state = f'resumable from step {step}' if step else 'new'
+  error_path = run.workdir / 'error.txt'
+  if error_path.exists():
+    state += f' (last attempt: {error_path.read_text().splitlines()[0]})'
+  return state
+
+
+def keys_per_query(attention: str, options: dict, length: int, head_dim: int) -> float:
+  """Keys (or features) each query's scores and weighted sum pay for, roughly, by mechanism."""
+  budgets = {
+      'local': lambda o: o['block_len'],
+      # Its own block plus the summary keys of every block (c = l / 4 unless set).
+      'sparse': lambda o: o['block_len'] + length / o['block_len'] * o.get(
+          'summary_len', o['block_len'] // 4),
+      'longformer': lambda o: 2 * o['window'] + 1,
+      'linformer': lambda o: o['k'],
+      'lsh': lambda o: 2 * o['n_hashes'] * o['chunk_len'],
+      'performer': lambda o: o['num_features'],
+      'linear': lambda o: head_dim,
+      # Three window blocks, two global ones and the random ones.
+      'bigbird': lambda o: (5 + o['num_random_blocks']) * o['block_len'],
+      'sinkhorn': lambda o: 2 * o['block_len'],
+      'routing': lambda o: length / o['num_clusters'],
+  }
+  return min(length, budgets[attention](options)) if attention in budgets else length
 
 
 def step_flops(config) -> float:
-  """FLOPs of one training step, counted from the model sizes (dense attention).
+  """FLOPs of one training step, counted from the model sizes.
 
   Per layer and token: the q/k/v and output projections (2 * 4 * emb * qkv), the
-  MLP (2 * 2 * emb * mlp) and exact attention's scores and weighted sum (2 * 2 *
-  length * qkv); backward twice forward. Efficient attention costs less than the
-  dense term: an upper bound for them. Embedding and head are left out.
+  MLP (2 * 2 * emb * mlp) and the attention scores and weighted sum (2 * 2 * keys *
+  qkv, keys from `keys_per_query`); backward twice forward. Embedding, head and the
+  mechanisms' own extra work (sorting, hashing, projections) are left out.
   """
   m = config.model
   length = config.data.seq_len + (m.pooling == 'cls')
   tokens = config.data.batch_size * length * (2 if config.task == 'retrieval' else 1)
-  per_token = 8 * m.emb_dim * m.qkv_dim + 4 * m.emb_dim * m.mlp_dim + 4 * length * m.qkv_dim
+  keys = keys_per_query(m.attention, dict(m.attention_options), length,
+                        m.qkv_dim // m.num_heads)
+  per_token = 8 * m.emb_dim * m.qkv_dim + 4 * m.emb_dim * m.mlp_dim + 4 * keys * m.qkv_dim
   return 3.0 * m.num_layers * tokens * per_token
 
 
@@ -431,17 +461,22 @@ def parse_args(argv: list[str] | None):
 
 
 def plan(args) -> tuple[dict, list[tuple[Run, object, dict | None]]]:
-  """Per task its data status, and every run with its config and its task's splits."""
+  """Per task its data status (and, unless a dry run, its majority class); every run.
+
+  Returns:
+    task -> info, and every run with its config and its task's splits (None when
+    the data are not there yet).
+  """
   task_info, runs = {}, []
   for task in args.tasks:
     path, extra = TASKS[task]
     base = task_config(task, args.attention[0], args.scale, args.override)
-    splits, missing = load_data(base, prepare=not args.dry_run)
+    splits, missing = load_data(task, base, prepare=not args.dry_run)
     info = {'config': f'{path}:<attention>,{args.scale}{extra}', 'data': missing or 'present'}
-    if splits:
+    if splits and not args.dry_run:
       info['majority'] = majority_class(splits['test'])
     task_info[task] = info
-    if missing and not can_prepare(base.task):
+    if missing and task not in GENERATED:
       continue
     for attention in args.attention:
       config = task_config(task, attention, args.scale, args.override)
@@ -453,28 +488,41 @@ def plan(args) -> tuple[dict, list[tuple[Run, object, dict | None]]]:
   return task_info, runs
 
 
+def dry_run(args) -> float:
+  """Prints every run (state, estimated time, command) and the absent data; returns seconds."""
+  task_info, runs = plan(args)
+  rate = ACCELERATOR_FLOPS * UTILISATION if args.scale == 'paper' else CPU_FLOPS
+  total = 0.0
+  for run, config, splits in runs:
+    seconds, how = estimate_seconds(run, config, rate, splits)
+    total += seconds
+    paper = paper_number(run.task, run.attention)
+    expect = '' if paper is None else f'; paper: {paper}'
+    print(f'{run.task} {run.attention} seed {run.seed}: {run_state(run)}; about '
+          f'{seconds / 60:.1f} min ({how}){expect}\n  {shlex.join(run.command)}')
+  for task, info in task_info.items():
+    if info['data'] != 'present':
+      print(f'{task}: data {info["data"]}')
+  where = (f'one accelerator, an A100: {ACCELERATOR_FLOPS / 1e12:.0f} TFLOP/s TF32 peak at '
+           f'{100 * UTILISATION:.0f}% utilisation' if args.scale == 'paper' else
+           'this CPU, calibrated on the measured cpu-scale ListOps run')
+  print(f'{len(runs)} runs, about {total / 3600:.2f} h one after another. Estimates, not '
+        'measurements: measured steps/s where a workdir has metrics.jsonl, else the FLOPs of '
+        'each step counted from the model sizes and each mechanism\'s keys per query '
+        f'(evaluation included) at an effective {rate / 1e9:.0f} GFLOP/s '
+        f'({where}), plus {RUN_OVERHEAD_S:.0f} s per run for start-up and compilation.')
+  return total
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs (or collects, or with --dry-run plans) the grid and writes the tables."""
   args = parse_args(argv)
   command = shlex.join(['python', '-m', 'experiments.lra_accuracy',
                         *(sys.argv[1:] if argv is None else argv)])
-  task_info, runs = plan(args)
-  rate = ACCELERATOR_FLOPS * UTILISATION if args.scale == 'paper' else CPU_FLOPS
   if args.dry_run:
-    total = 0.0
-    for run, config, splits in runs:
-      seconds, how = estimate_seconds(run, config, rate, splits)
-      total += seconds
-      print(f'{run.task} {run.attention} seed {run.seed}: {run_state(run)}; about '
-            f'{seconds / 60:.1f} min ({how})\n  {shlex.join(run.command)}')
-    for task, info in task_info.items():
-      if info['data'] != 'present':
-        print(f'{task}: data {info["data"]}')
-    where = ('one accelerator at ' if args.scale == 'paper' else 'this machine at ')
-    print(f'{len(runs)} runs, about {total / 3600:.2f} h one after another (estimates: measured '
-          f'steps/s where a workdir has metrics.jsonl, else FLOPs counted from the model sizes '
-          f'on {where}an effective {rate / 1e9:.0f} GFLOP/s; rough)')
+    dry_run(args)
     return 0
+  task_info, runs = plan(args)
   pending = [run for run, _, _ in runs if run_state(run) != 'done']
   print(f'{len(runs)} runs: {len(runs) - len(pending)} done, {len(pending)} to run '
         f'({args.jobs} at once)', flush=True)
