@@ -86,12 +86,21 @@ LOG_LINES = 15
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One (task, attention, seed) training run."""
+  """One (task, attention, seed) training run; `workdir` as launch.py gets it."""
   task: str
   attention: str
   seed: int
   workdir: pathlib.Path
   command: tuple[str, ...]
+
+  @property
+  def folder(self) -> pathlib.Path:
+    """The workdir from here (a relative one is under the repository root)."""
+    return ROOT / self.workdir
+
+  def shown(self) -> str:
+    """The command as a user types it."""
+    return shlex.join(('python', *self.command[1:]))
 
 
 def parse_names(value: str, allowed: tuple[str, ...], everything: tuple[str, ...],
@@ -156,7 +165,7 @@ def make_run(task: str, attention: str, seed: int, scale: str, runs_dir: pathlib
   workdir = runs_dir / scale / task / attention / f'seed{seed}'
   command = (*LAUNCH, f'--config={path}:{attention},{scale}{extra}', f'--workdir={workdir}',
              f'--config.seed={seed}', *(f'--config.{k}={v}' for k, v in overrides))
-  return Run(task, attention, seed, ROOT / workdir, command)
+  return Run(task, attention, seed, workdir, command)
 
 
 def load_data(task: str, config, prepare: bool):
@@ -204,11 +213,11 @@ def latest_step(workdir: pathlib.Path) -> int:
 
 def run_state(run: Run) -> str:
   """'done' (results.json), 'resumable from step N' (checkpoints) or 'new', and a failure."""
-  if (run.workdir / 'results.json').exists():
+  if (run.folder / 'results.json').exists():
     return 'done'
-  step = latest_step(run.workdir)
+  step = latest_step(run.folder)
   state = f'resumable from step {step}' if step else 'new'
-  error_path = run.workdir / 'error.txt'
+  error_path = run.folder / 'error.txt'
   if error_path.exists():
     state += f' (last attempt: {error_path.read_text().splitlines()[0]})'
   return state
@@ -265,7 +274,7 @@ def estimate_seconds(run: Run, config, flops_per_second: float,
   if run_state(run) == 'done':
     return 0.0, 'done'
   steps = config.train.steps
-  rate, last = measured_steps_per_second(run.workdir)
+  rate, last = measured_steps_per_second(run.folder)
   if rate:
     return (steps - last) / rate, f'measured {rate:.2f} steps/s'
   flops = step_flops(config)
@@ -286,12 +295,12 @@ def launch(run: Run, timeout: float | None) -> None:
 
   On failure writes error.txt: what happened and the last lines of the attempt's output.
   """
-  run.workdir.mkdir(parents=True, exist_ok=True)
-  error_path = run.workdir / 'error.txt'
+  run.folder.mkdir(parents=True, exist_ok=True)
+  error_path = run.folder / 'error.txt'
   error_path.unlink(missing_ok=True)
-  log_path = run.workdir / 'launch.log'
+  log_path = run.folder / 'launch.log'
   with open(log_path, 'a') as log:
-    log.write(f'=== {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(run.command)}\n')
+    log.write(f'=== {time.strftime("%Y-%m-%d %H:%M:%S")} {run.shown()}\n')
     start = log.tell()
     log.flush()
     try:
@@ -301,7 +310,7 @@ def launch(run: Run, timeout: float | None) -> None:
                                      else f'exit code {code}')
     except subprocess.TimeoutExpired:
       what = f'timed out after {timeout:.0f} s'
-  if what is None and (run.workdir / 'results.json').exists():
+  if what is None and (run.folder / 'results.json').exists():
     return
   with open(log_path) as log:
     log.seek(start)
@@ -312,9 +321,9 @@ def launch(run: Run, timeout: float | None) -> None:
 def outcome(run: Run) -> dict:
   """What a run's workdir holds: accuracy, or the kind of failure and its log's last lines."""
   info = {'task': run.task, 'attention': run.attention, 'seed': run.seed,
-          'workdir': str(run.workdir), 'command': shlex.join(run.command)}
-  results_path = run.workdir / 'results.json'
-  error_path = run.workdir / 'error.txt'
+          'workdir': str(run.workdir), 'command': run.shown()}
+  results_path = run.folder / 'results.json'
+  error_path = run.folder / 'error.txt'
   if results_path.exists():
     results = json.loads(results_path.read_text())
     return {**info, 'status': 'done', 'accuracy': results['test']['accuracy'],
@@ -499,7 +508,7 @@ def dry_run(args) -> float:
     paper = paper_number(run.task, run.attention)
     expect = '' if paper is None else f'; paper: {paper}'
     print(f'{run.task} {run.attention} seed {run.seed}: {run_state(run)}; about '
-          f'{seconds / 60:.1f} min ({how}){expect}\n  {shlex.join(run.command)}')
+          f'{seconds / 60:.1f} min ({how}){expect}\n  {run.shown()}')
   for task, info in task_info.items():
     if info['data'] != 'present':
       print(f'{task}: data {info["data"]}')

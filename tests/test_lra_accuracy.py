@@ -164,7 +164,7 @@ def test_reproduce_plan_gives_commands_and_flop_estimates(capsys):
                          'approximation,lra_accuracy']) == 0
   out = capsys.readouterr().out
   assert '1. lra_accuracy:' in out and '2. approximation:' in out and 'about' in out
-  assert 'launch.py --config=configs/pathfinder.py:performer,paper,128' in out
+  assert 'python launch.py --config=configs/pathfinder.py:performer,paper,128' in out
   assert 'GFLOP/step' in out and 'A100' in out and 'Estimates, not measurements' in out
   with pytest.raises(ValueError, match="--only: 'bench' does not exist"):
     reproduce.main(['--only', 'bench', '--dry-run'])
