@@ -92,6 +92,7 @@ class Run:
   seed: int
   workdir: pathlib.Path
   command: tuple[str, ...]
+  config: dict  # as launch.py will see it, JSON-normalised
 
   @property
   def folder(self) -> pathlib.Path:
@@ -156,7 +157,7 @@ def task_config(task: str, attention: str, scale: str, overrides: list[tuple[str
 
 
 def make_run(task: str, attention: str, seed: int, scale: str, runs_dir: pathlib.Path,
-             overrides: list[tuple[str, str]]) -> Run:
+             overrides: list[tuple[str, str]], config) -> Run:
   """The run of `attention` on `task` with `seed`: its workdir and launch.py command.
 
   A relative `runs_dir` is taken from the repository root, where launch.py runs.
@@ -165,7 +166,7 @@ def make_run(task: str, attention: str, seed: int, scale: str, runs_dir: pathlib
   workdir = runs_dir / scale / task / attention / f'seed{seed}'
   command = (*LAUNCH, f'--config={path}:{attention},{scale}{extra}', f'--workdir={workdir}',
              f'--config.seed={seed}', *(f'--config.{k}={v}' for k, v in overrides))
-  return Run(task, attention, seed, workdir, command)
+  return Run(task, attention, seed, workdir, command, json.loads(json.dumps(config.to_dict())))
 
 
 def load_data(task: str, config, prepare: bool):
@@ -211,8 +212,46 @@ def latest_step(workdir: pathlib.Path) -> int:
   return max(steps, default=0)
 
 
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'train.steps': 600, ...} of a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_change(run: Run) -> str | None:
+  """How the config stored in the workdir differs from the planned one; None if it does not."""
+  results_path, config_path = run.folder / 'results.json', run.folder / 'config.json'
+  stored = None
+  if results_path.exists():
+    stored = json.loads(results_path.read_text()).get('config')
+  elif config_path.exists():
+    stored = json.loads(config_path.read_text())
+  if stored is None:
+    return None
+  stored, planned = flatten(stored), flatten(run.config)
+  changed = [f'{key}={stored.get(key)!r} (planned {planned.get(key)!r})'
+             for key in sorted(set(stored) | set(planned)) if stored.get(key) != planned.get(key)]
+  return ', '.join(changed) or None
+
+
+def needs_launch(run: Run) -> bool:
+  """Whether the run has no results yet and its workdir (if any) is of the planned config."""
+  return not (run.folder / 'results.json').exists() and not config_change(run)
+
+
 def run_state(run: Run) -> str:
-  """'done' (results.json), 'resumable from step N' (checkpoints) or 'new', and a failure."""
+  """'done' (results.json), 'resumable from step N' (checkpoints) or 'new', and a failure.
+
+  A workdir of another config is 'stale': it is neither collected nor relaunched.
+  """
+  change = config_change(run)
+  if change:
+    return f'stale: its config has {change}; move {run.workdir} away to rerun it'
   if (run.folder / 'results.json').exists():
     return 'done'
   step = latest_step(run.folder)
@@ -271,8 +310,8 @@ def measured_steps_per_second(workdir: pathlib.Path) -> tuple[float | None, int]
 def estimate_seconds(run: Run, config, flops_per_second: float,
                      splits: dict | None) -> tuple[float, str]:
   """(seconds left, how it was estimated) of a run: measured where it ran, else from FLOPs."""
-  if run_state(run) == 'done':
-    return 0.0, 'done'
+  if not needs_launch(run):
+    return 0.0, run_state(run).split(':')[0]
   steps = config.train.steps
   rate, last = measured_steps_per_second(run.folder)
   if rate:
@@ -324,6 +363,9 @@ def outcome(run: Run) -> dict:
           'workdir': str(run.workdir), 'command': run.shown()}
   results_path = run.folder / 'results.json'
   error_path = run.folder / 'error.txt'
+  state = run_state(run)
+  if state.startswith('stale'):
+    return {**info, 'status': 'stale', 'error': state, 'log_tail': []}
   if results_path.exists():
     results = json.loads(results_path.read_text())
     return {**info, 'status': 'done', 'accuracy': results['test']['accuracy'],
@@ -427,9 +469,10 @@ def write_results(out_stem: pathlib.Path, header: dict, task_info: dict, rows: d
   if failed:
     lines += ['', '## Runs without a result', '']
     for o in failed:
-      lines += [f'- {o["task"]} {o["attention"]} seed {o["seed"]}: {o["error"]}; last lines of '
-                f'`{o["workdir"]}/launch.log`:', '', '  ```',
-                *(f'  {line}' for line in o['log_tail']), '  ```', '']
+      lines.append(f'- {o["task"]} {o["attention"]} seed {o["seed"]}: {o["error"]}')
+      if o['log_tail']:
+        lines[-1] += f'; last lines of `{o["workdir"]}/launch.log`:'
+        lines += ['', '  ```', *(f'  {line}' for line in o['log_tail']), '  ```', '']
   out_stem.with_suffix('.md').write_text('\n'.join(lines).rstrip() + '\n')
 
 
@@ -492,8 +535,8 @@ def plan(args) -> tuple[dict, list[tuple[Run, object, dict | None]]]:
       seeds = args.seeds if attention in CARD else args.seeds_others
       for seed in range(seeds):
         config.seed = seed
-        runs.append((make_run(task, attention, seed, args.scale, args.runs_dir, args.override),
-                     config, splits))
+        runs.append((make_run(task, attention, seed, args.scale, args.runs_dir, args.override,
+                              config), config, splits))
   return task_info, runs
 
 
@@ -532,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     dry_run(args)
     return 0
   task_info, runs = plan(args)
-  pending = [run for run, _, _ in runs if run_state(run) != 'done']
+  pending = [run for run, _, _ in runs if needs_launch(run)]
   print(f'{len(runs)} runs: {len(runs) - len(pending)} done, {len(pending)} to run '
         f'({args.jobs} at once)', flush=True)
   with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -131,6 +131,10 @@ def test_real_run_is_collected_and_its_speed_estimates_the_rest(prepared_dir, tm
   assert 'step 2/2' in (workdir / 'launch.log').read_text()
   assert f'| Transformer | full | {100 * accuracy:.2f} (1/1) | 36.37 |' in (
       tmp_path / 'out.md').read_text()
+  # Another config in the same workdir is neither collected nor rerun.
+  assert lra_accuracy.main(argv + ['--override', 'train.steps=3']) == 1
+  assert "stale: its config has train.steps=2 (planned 3)" in (tmp_path / 'out.md').read_text()
+  assert (workdir / 'launch.log').read_text().count('=== ') == 1
   (workdir / 'results.json').unlink()
   assert lra_accuracy.main(argv + ['--dry-run']) == 0
   plan = capsys.readouterr().out
