@@ -1,18 +1,23 @@
 """Long Range Arena accuracy (Table 1): every attention on every task and seed, beside the paper.
 
   python -m experiments.lra_accuracy --scale cpu --tasks listops,pathfinder32 --attention all \
-      --seeds 3 --seeds_others 1
-  python -m experiments.lra_accuracy --scale paper --dry-run    # commands and time estimates
+      --seeds 3 --seeds_others 1 [--jobs 1] [--runs_dir runs/lra] [--override train.steps=300]
+  python -m experiments.lra_accuracy --scale paper --tasks all --dry-run   # commands, estimates
 
-Each run is one process, `python launch.py --config configs/<task>.py:<attention>,<scale>
---workdir <runs_dir>/<scale>/<task>/<attention>/seed<k> --config.seed=<k>`, at most
---jobs at once, its output appended to <workdir>/launch.log. A workdir holding
-results.json is collected, not rerun; any other is launched, and launch.py resumes
-it from its last checkpoint. A run that fails, times out or runs out of memory is
-reported as such with the last lines of its log (kept in <workdir>/error.txt),
-never as a number. The design card's mechanisms (CARD) get --seeds seeds, the other
-LRA models --seeds_others. Tasks whose data are absent are listed with what
-provides them. Writes experiments/results/lra_accuracy_<scale>.{md,json}.
+Tasks: listops, text, retrieval, image, pathfinder32 (configs/pathfinder.py at 32 px)
+and pathx (at 128 px). Each run is one process, `python launch.py --config
+configs/<task>.py:<attention>,<scale> --workdir <runs_dir>/<scale>/<task>/<attention>/seed<k>
+--config.seed=<k>` (plus the overrides), at most --jobs at once, its output appended
+to <workdir>/launch.log. A workdir holding results.json is collected, not rerun; any
+other is launched, and launch.py resumes it from its last checkpoint; a workdir of
+another config (e.g. other overrides) is reported as stale and left alone. A run
+that fails, times out or is killed (out of memory) is reported as such with the
+last lines of its log (kept in <workdir>/error.txt), never as a number. The design
+card's mechanisms (CARD) get --seeds seeds, the other LRA models --seeds_others.
+Generated data (ListOps, Pathfinder) are prepared once before the runs; tasks whose
+data need a download are listed with what provides them. --dry-run prints each
+run's state and estimated time (`estimate_seconds`). Writes
+experiments/results/lra_accuracy_<scale>.{md,json}.
 """
 
 import argparse
@@ -400,6 +405,12 @@ def paper_number(task: str, attention: str) -> float | str | None:
   return PAPER[attention][1][PAPER_TASKS.index(task)]
 
 
+def paper_text(task: str, attention: str) -> str:
+  """`paper_number` as a table shows it: '36.37', 'fail' or '-'."""
+  paper = paper_number(task, attention)
+  return '-' if paper is None else paper if isinstance(paper, str) else f'{paper:.2f}'
+
+
 def format_cell(row: dict) -> str:
   """'35.10 [34.20, 36.00] (3/3)', or the failure when no seed finished."""
   if not row['finished']:
@@ -445,7 +456,7 @@ def write_results(out_stem: pathlib.Path, header: dict, task_info: dict, rows: d
       '| task | config | data | majority class (test) |', '|---|---|---|---|']
   for task, info in task_info.items():
     majority = info.get('majority')
-    rate = (f'{100 * majority["rate"]:.2f}% (label {majority["label"]} of '
+    rate = (f'{100 * majority["rate"]:.2f}% (label {majority["label"]}; '
             f'{majority["examples"]} examples)' if majority else '-')
     lines.append(f'| {task} | `{info["config"]}` | {info["data"]} | {rate} |')
   titles = [TITLES[task] for task in task_info]
@@ -456,9 +467,7 @@ def write_results(out_stem: pathlib.Path, header: dict, task_info: dict, rows: d
     cells = []
     for task, info in task_info.items():
       row = rows.get((task, attention))
-      paper = paper_number(task, attention)
-      cells += [format_cell(row) if row else 'no data',
-                '-' if paper is None else paper if isinstance(paper, str) else f'{paper:.2f}']
+      cells += [format_cell(row) if row else 'no data', paper_text(task, attention)]
     model = PAPER[attention][0] if attention in PAPER else '(not in LRA)'
     lines.append(f'| {model} | {attention} | ' + ' | '.join(cells) + ' |')
   cells = []
@@ -548,10 +557,9 @@ def dry_run(args) -> float:
   for run, config, splits in runs:
     seconds, how = estimate_seconds(run, config, rate, splits)
     total += seconds
-    paper = paper_number(run.task, run.attention)
-    expect = '' if paper is None else f'; paper: {paper}'
     print(f'{run.task} {run.attention} seed {run.seed}: {run_state(run)}; about '
-          f'{seconds / 60:.1f} min ({how}){expect}\n  {run.shown()}')
+          f'{seconds / 60:.1f} min ({how}); paper: {paper_text(run.task, run.attention)}\n'
+          f'  {run.shown()}')
   for task, info in task_info.items():
     if info['data'] != 'present':
       print(f'{task}: data {info["data"]}')
