@@ -89,6 +89,11 @@ UTILISATION = 0.3
 LOG_LINES = 15
 
 
+def shown(command) -> str:
+  """A command starting with this interpreter, as a user types it ('python ...')."""
+  return shlex.join(('python', *command[1:]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One (task, attention, seed) training run; `workdir` as launch.py gets it."""
@@ -106,7 +111,7 @@ class Run:
 
   def shown(self) -> str:
     """The command as a user types it."""
-    return shlex.join(('python', *self.command[1:]))
+    return shown(self.command)
 
 
 def parse_names(value: str, allowed: tuple[str, ...], everything: tuple[str, ...],

@@ -20,7 +20,6 @@ step (cases x start-up, compilation and timed calls), not measured end to end.
 """
 
 import argparse
-import shlex
 import subprocess
 import sys
 import time
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.dry_run:
     total = 0.0
     for index, (name, command, minutes, basis) in enumerate(plan, 1):
-      print(f'{index}. {name}: {shlex.join(command)}')
+      print(f'{index}. {name}: {lra_accuracy.shown(command)}')
       if name == 'lra_accuracy':
         minutes = accuracy_minutes(command)
         basis = 'the sum of the runs above'
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   failed = []
   for index, (name, command, _, _) in enumerate(plan, 1):
-    print(f'{index}/{len(plan)} {name}: {shlex.join(command)}', flush=True)
+    print(f'{index}/{len(plan)} {name}: {lra_accuracy.shown(command)}', flush=True)
     start = time.time()
     code = subprocess.run(command, cwd=ROOT, check=False).returncode
     print(f'{name}: exit code {code} after {(time.time() - start) / 60:.1f} min', flush=True)
