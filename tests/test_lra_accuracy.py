@@ -12,8 +12,9 @@ from efficient_attn.data import get_task
 from experiments import lra_accuracy
 from experiments import reproduce
 
-# Stands in for launch.py: records each call, then fails (lsh), hangs (performer)
-# or writes the results.json of a finished run (accuracy 0.3 + 0.1 * seed).
+# Stands in for launch.py: records each call, then fails (lsh), is killed as by the
+# out-of-memory killer (linformer), hangs (performer seed 0) or writes the
+# results.json of a finished run (accuracy 0.3 + 0.1 * seed).
 FAKE_LAUNCH = '''
 import json, os, pathlib, sys, time
 args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
@@ -26,7 +27,9 @@ if attention == 'lsh':
   print('Traceback (most recent call last):', file=sys.stderr)
   print('ValueError: lsh went wrong', file=sys.stderr)
   sys.exit(1)
-if attention == 'performer':
+if attention == 'linformer':
+  os.kill(os.getpid(), 9)
+if attention == 'performer' and args['config.seed'] == '0':
   time.sleep(60)
 accuracy = 0.3 + 0.1 * int(args['config.seed'])
 (workdir / 'results.json').write_text(json.dumps(
@@ -62,7 +65,7 @@ def majority_rate(task: str, prepared_dir, **options) -> float:
 def test_table_has_rows_spread_paper_majority_and_missing_data_then_collects(
     fake_launch, prepared_dir, tmp_path):
   argv = grid(tmp_path, prepared_dir, '--tasks', 'pathfinder32,text,listops',
-              '--attention', 'full,linear', '--seeds', '2', '--seeds_others', '1')
+              '--attention', 'full,linear', '--seeds', '2', '--seeds_others', '1', '--jobs', '2')
   assert lra_accuracy.main(argv) == 0
   # full is on the design card (2 seeds), linear is not (1); text has no data.
   assert sorted(fake_launch()) == sorted(
@@ -93,7 +96,7 @@ def test_table_has_rows_spread_paper_majority_and_missing_data_then_collects(
 def test_unfinished_run_is_relaunched_and_failures_are_reported(fake_launch, prepared_dir,
                                                                 tmp_path, capsys):
   argv = grid(tmp_path, prepared_dir, '--tasks', 'listops', '--attention',
-              'full,lsh,performer', '--seeds', '1', '--timeout', '1')
+              'full,lsh,linformer,performer', '--seeds', '2', '--timeout', '1')
   unfinished = tmp_path / 'runs/tiny/listops/full/seed0'
   (unfinished / 'checkpoints' / '3').mkdir(parents=True)
   assert lra_accuracy.main(argv + ['--dry-run']) == 0
@@ -106,10 +109,12 @@ def test_unfinished_run_is_relaunched_and_failures_are_reported(fake_launch, pre
   calls = fake_launch()
   assert f"full 0 [PosixPath('{unfinished}/checkpoints/3')]" in calls  # same workdir
   md = (tmp_path / 'out.md').read_text()
-  assert '| Transformer | full | 30.00 (1/1) | 36.37 |' in md
+  assert '| Transformer | full | 35.00 [30.00, 40.00] (2/2) | 36.37 |' in md
   assert '| Reformer | lsh | failed | 37.27 |' in md
-  assert '| Performer | performer | timed out | 18.01 |' in md
-  assert 'listops lsh seed 0: exit code 1' in md and 'ValueError: lsh went wrong' in md
+  assert '| Linformer | linformer | out of memory | 35.70 |' in md
+  assert '| Performer | performer | 40.00 (1/2; seed 0 timed out) | 18.01 |' in md
+  assert 'listops lsh seed 1: exit code 1' in md and 'ValueError: lsh went wrong' in md
+  assert 'listops linformer seed 0: killed by signal 9 (out of memory?)' in md
   assert 'listops performer seed 0: timed out after 1 s' in md
   assert (tmp_path / 'runs/tiny/listops/lsh/seed0/error.txt').exists()
 
