@@ -325,7 +325,12 @@ def estimate_seconds(run: Run, config, flops_per_second: float,
   steps = config.train.steps
   rate, last = measured_steps_per_second(run.folder)
   if rate:
-    return (steps - last) / rate, f'measured {rate:.2f} steps/s'
+    return (steps - last) / rate, f'measured {rate:.2f} steps/s, training only'
+  # Another seed of the same task and attention trains at the same speed.
+  for sibling in sorted(run.folder.parent.glob('seed*')):
+    rate, _ = measured_steps_per_second(sibling)
+    if rate:
+      return steps / rate, f'{rate:.2f} steps/s measured in {sibling.name}, training only'
   flops = step_flops(config)
   # Forward passes of the evaluations: valid every eval_every steps, then test.
   batch = config.data.batch_size

@@ -141,9 +141,10 @@ def test_real_run_is_collected_and_its_speed_estimates_the_rest(prepared_dir, tm
   assert "stale: its config has train.steps=2 (planned 3)" in (tmp_path / 'out.md').read_text()
   assert (workdir / 'launch.log').read_text().count('=== ') == 1
   (workdir / 'results.json').unlink()
-  assert lra_accuracy.main(argv + ['--dry-run']) == 0
+  assert lra_accuracy.main(argv + ['--dry-run', '--seeds', '2']) == 0
   plan = capsys.readouterr().out
-  assert 'listops full seed 0: resumable from step 2' in plan and 'measured' in plan
+  assert 'listops full seed 0: resumable from step 2; about 0.0 min (measured' in plan
+  assert 'listops full seed 1: new; about' in plan and 'measured in seed0' in plan
 
 
 @pytest.mark.parametrize('flags,message', [
