@@ -43,6 +43,7 @@ from efficient_attn.train import writer
 from experiments import train_speed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# launch.py under this interpreter, run from the repository root.
 LAUNCH = (sys.executable, 'launch.py')
 # Task name -> (config file, the config argument after 'attention,scale').
 TASKS = {
@@ -191,7 +192,6 @@ def load_data(task: str, config, prepare: bool):
     The `trainer.load_tasks` dict, or None and a message naming the command or
     download that provides the data.
   """
-  data = config.data
   config = config.copy_and_resolve_references()
   config.data.prepare_if_missing = False
   try:
@@ -199,7 +199,7 @@ def load_data(task: str, config, prepare: bool):
       # Prepares every split, here rather than in concurrent runs (and for Path-X,
       # whose loader takes its options as **options, so `load_tasks` passes it no
       # prepare_if_missing).
-      tasks_lib.get_task(config.task, data.data_dir, 'train', data.seq_len,
+      tasks_lib.get_task(config.task, config.data.data_dir, 'train', config.data.seq_len,
                          prepare_if_missing=True, **config.task_options)
     return trainer.load_tasks(config), None
   except MissingDataError as error:
