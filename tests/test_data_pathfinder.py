@@ -8,8 +8,10 @@ from PIL import Image
 from scipy import ndimage
 from tensorflow_datasets.core import hashing
 
+from configs import pathfinder as pathfinder_config
 from efficient_attn.data import CorruptDataError, MissingDataError, get_task, pathfinder
 from efficient_attn.data import pathfinder_draw
+from efficient_attn.train import trainer
 
 SETTING = pathfinder.SETTINGS['res32_hard']
 
@@ -225,3 +227,11 @@ def test_lra_release_damaged_files_are_named(tmp_path):
   (folder / 'metadata' / '1.npy').write_text('imgs/0 sample_1.png\n')
   with pytest.raises(CorruptDataError, match='1.npy, line 1'):
     get_task('pathfinder', tmp_path, source='lra_release')
+
+
+def test_pathx_config_lets_the_trainer_generate_missing_data(monkeypatch):
+  seen = {}
+  monkeypatch.setattr(pathfinder, 'load', lambda *args, **options: seen.update(options))
+  config = pathfinder_config.get_config('full,tiny,128')
+  trainer.load_tasks(config)
+  assert seen['resolution'] == 128 and seen['prepare_if_missing'] is True

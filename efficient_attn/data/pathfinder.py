@@ -156,7 +156,8 @@ def load(split: str, data_dir=None, seq_len: int | None = None, resolution: int 
                      num_classes=NUM_CLASSES, seq_len=length)
 
 
-def load_pathx(split: str, data_dir=None, seq_len: int | None = None, **options) -> common.Task:
+def load_pathx(split: str, data_dir=None, seq_len: int | None = None,
+               prepare_if_missing: bool = False, **options) -> common.Task:
   """Path-X: `load` at 128x128; refuses a `resolution` or a config of another size."""
   if 'resolution' in options:
     raise ValueError(f'pathx takes no resolution (got resolution={options["resolution"]!r}): '
@@ -166,4 +167,5 @@ def load_pathx(split: str, data_dir=None, seq_len: int | None = None, **options)
   if config in SETTINGS and SETTINGS[config].resolution != PATHX_RESOLUTION:
     raise ValueError(f'config={config!r} is not a Path-X config ({PATHX_RESOLUTION} px); use '
                      f"get_task('pathfinder', config={config!r})")
-  return load(split, data_dir, seq_len, resolution=PATHX_RESOLUTION, **options)
+  return load(split, data_dir, seq_len, resolution=PATHX_RESOLUTION,
+              prepare_if_missing=prepare_if_missing, **options)
