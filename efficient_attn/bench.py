@@ -346,8 +346,11 @@ def _ratio(numerator: dict | None, denominator: dict | None) -> str:
   return f'{numerator["seconds"] / denominator["seconds"]:.2f}'
 
 
-def _options(name: str) -> str:
-  return ', '.join(f'{k}={v}' for k, v in BENCH_OPTIONS.get(name, {}).items())
+def _options(name: str, length: int) -> str:
+  """The options of a project row at `length`, as `key=value, ...` (max_len left out)."""
+  options = bench_options(name, length)
+  options.pop('max_len', None)
+  return ', '.join(f'{k}={v}' for k, v in options.items()) or '-'
 
 
 def _header(info: dict, command: str, title: str) -> list[str]:
@@ -440,7 +443,7 @@ def write_results(rows: list[dict], info: dict, command: str, out_stem: str,
       if fwd is None and fwd_bwd is None:
         continue
       base_row = by_key.get((baseline, causal, length, 'fwd_bwd'))
-      lines.append(f'| {name} | {_options(name)} | {"yes" if causal else "no"} | {length} | '
+      lines.append(f'| {name} | {_options(name, length)} | {"yes" if causal else "no"} | {length} | '
                    f'{_format_seconds(fwd)} | {_format_seconds(fwd_bwd)} | '
                    f'{_ratio(base_row, fwd_bwd)} | {_format_mb(fwd_bwd, "peak_bytes")} | '
                    f'{_format_mb(fwd_bwd, "xla_bytes")} |')

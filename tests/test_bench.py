@@ -101,11 +101,13 @@ def test_table_puts_peer_beside_ours_with_peer_over_ours(tmp_path):
 
 def test_table_without_peers_has_no_peer_section(tmp_path):
   stem = str(tmp_path / 'speed')
-  bench.write_results([_row('full', 64, 'fwd_bwd', 2.0), _row('lsh', 64, 'fwd_bwd', 0.5)],
-                      INFO, 'cmd', stem)
+  bench.write_results([_row('full', 64, 'fwd_bwd', 2.0), _row('lsh', 64, 'fwd_bwd', 0.5),
+                       _row('routing', 64, 'fwd_bwd', 1.0)], INFO, 'cmd', stem)
   text = open(stem + '.md').read()
   assert 'peer' not in text.lower()
-  assert '| lsh | chunk_len=64, n_hashes=2, n_chunks_after=0 | no | 64 | - | 0.500 | 4.00 |' in text
+  assert ('| lsh | chunk_len=64, n_hashes=2, n_chunks_after=0, n_buckets=2 | no | 64 | - | '
+          '0.500 | 4.00 |') in text
+  assert '| routing | num_clusters=8 | no | 64 |' in text  # set from the length
 
 
 def test_peers_flag_names_requirements_file_when_a_package_is_missing(monkeypatch, capsys):
