@@ -37,7 +37,6 @@ import numpy as np
 import efficient_attn as ea
 from efficient_attn import bench
 from efficient_attn.data import MissingDataError
-from efficient_attn.data import tasks as tasks_lib
 from efficient_attn.train import trainer
 from efficient_attn.train import writer
 from experiments import train_speed
@@ -193,14 +192,9 @@ def load_data(task: str, config, prepare: bool):
     download that provides the data.
   """
   config = config.copy_and_resolve_references()
-  config.data.prepare_if_missing = False
+  # Generated data are prepared here, once, rather than in concurrent runs.
+  config.data.prepare_if_missing = prepare and task in GENERATED
   try:
-    if prepare and task in GENERATED:
-      # Prepares every split, here rather than in concurrent runs (and for Path-X,
-      # whose loader takes its options as **options, so `load_tasks` passes it no
-      # prepare_if_missing).
-      tasks_lib.get_task(config.task, config.data.data_dir, 'train', config.data.seq_len,
-                         prepare_if_missing=True, **config.task_options)
     return trainer.load_tasks(config), None
   except MissingDataError as error:
     if task in GENERATED:
