@@ -22,7 +22,8 @@ runs it once untimed and then `--steps` times, each to `block_until_ready`:
 - XLA GB: the buffers XLA plans for the compiled step (`memory_analysis()`:
   arguments (state, batch) + outputs not aliasing them + temporaries), the
   closest to the paper's peak memory per device. (Its `peak_memory_in_bytes`
-  counts only the arguments on CPU.)
+  counts only the arguments on CPU.) On an accelerator XLA GB is device memory
+  and step GB host memory.
 A case is stopped and reported as 'timeout' after `--timeout` seconds, and as
 'out of memory' when XLA plans more than `--memory_limit` GB or the resident set
 of its process passes that limit (a thread of the child watches it), never as
@@ -47,8 +48,15 @@ import sys
 import threading
 import time
 
+import jax
+import numpy as np
+
 from configs import base
 from efficient_attn import bench
+from efficient_attn.data import common
+from efficient_attn.data import text
+from efficient_attn.train import steps as steps_lib
+from efficient_attn.train import trainer
 from experiments import train_speed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,6 +79,7 @@ ROWS = {
     'performer': ('performer', {}),
 }
 EXTRA_ROWS = {'routing': ('routing', {})}
+ALL_ROWS = {**ROWS, **EXTRA_ROWS}
 MODEL_NAMES = {
     'full-dense': 'Transformer (dense)', 'full-blocked': 'Transformer (blocked)',
     'local': 'Local Attention', 'sparse': 'Sparse Trans.', 'longformer': 'Longformer',
@@ -102,7 +111,7 @@ WATCH_SECONDS = 0.02
 
 def case_config(row: str, length: int, scale: str, batch: int):
   """The text config of `row` at `scale`, for inputs of `length` bytes in batches of `batch`."""
-  attention, options = ROWS.get(row) or EXTRA_ROWS[row]
+  attention, options = ALL_ROWS[row]
   config = train_speed.load_config(str(ROOT / 'configs' / 'text.py'), f'{attention},{scale}')
   config.data.seq_len = length
   config.data.batch_size = batch
@@ -114,12 +123,10 @@ def case_config(row: str, length: int, scale: str, batch: int):
 
 def random_batch(batch: int, length: int, seed: int = 0) -> dict:
   """A Text batch of random byte ids, every position and example real."""
-  import numpy as np
-  from efficient_attn.data import common
   rng = np.random.default_rng(seed)
   return {'inputs': rng.integers(1, common.BYTE_VOCAB_SIZE, (batch, length), np.int32),
           'mask': np.ones((batch, length), bool),
-          'targets': rng.integers(0, 2, (batch,), np.int32),
+          'targets': rng.integers(0, text.NUM_CLASSES, (batch,), np.int32),
           'weights': np.ones((batch,), np.float32)}
 
 
@@ -128,7 +135,7 @@ def run_case(row: str, length: int, batch: int, scale: str, steps: int,
   """Compiles and times the training step of one case in this process.
 
   Args:
-    row: a key of ROWS or EXTRA_ROWS.
+    row: a key of ALL_ROWS.
     length: input bytes per example.
     batch: examples per step.
     scale: model scale of the text config.
@@ -138,12 +145,6 @@ def run_case(row: str, length: int, batch: int, scale: str, steps: int,
   Returns:
     The result row: steps_per_second, peak_bytes (step RSS), xla_bytes, or an error.
   """
-  import jax
-  from efficient_attn.data import common
-  from efficient_attn.data import text
-  from efficient_attn.train import steps as steps_lib
-  from efficient_attn.train import trainer
-
   config = case_config(row, length, scale, batch)
   trainer.check_config(config, num_devices=1)
   task = common.Task(name='text', split='train', source=None,
@@ -244,7 +245,7 @@ def _measured(result: dict | None, key: str) -> float | None:
 
 def markdown(results: list[dict], info: dict) -> str:
   """The tables of `results` beside the paper's Table 2, with the command and machine."""
-  rows = [r for r in {**ROWS, **EXTRA_ROWS} if any(x['row'] == r for x in results)]
+  rows = [r for r in ALL_ROWS if any(x['row'] == r for x in results)]
   lengths = sorted({x['length'] for x in results})
   get = {(x['row'], x['length']): x for x in results}.get
   load = lambda key: ', '.join(f'{x:.2f}' for x in info[key])
@@ -313,11 +314,10 @@ def markdown(results: list[dict], info: dict) -> str:
             'At the longest length of each row (max_len and budgets follow the length).', '',
             '| model | attention | options |', '|---|---|---|']
   for row in rows:
-    longest = next((get((row, n)) for n in reversed(lengths)
-                    if 'options' in (get((row, n)) or {})), None)
-    options = ', '.join(f'{k}={v}' for k, v in (longest or {}).get('options', {}).items())
-    lines.append(f'| {MODEL_NAMES[row]} | {(ROWS.get(row) or EXTRA_ROWS[row])[0]} | '
-                 f'{options or "-"} |')
+    longest = max((x for x in results if x['row'] == row and 'options' in x),
+                  key=lambda x: x['length'], default={'options': {}})
+    options = ', '.join(f'{k}={v}' for k, v in longest['options'].items())
+    lines.append(f'| {MODEL_NAMES[row]} | {ALL_ROWS[row][0]} | {options or "-"} |')
   failures = [x for x in results if x['status'] != 'ok']
   if failures:
     lines += ['', '## Cases without a measurement', '']
@@ -334,7 +334,7 @@ def plot(results: list[dict], path: str) -> None:
 
   figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
   lengths = sorted({x['length'] for x in results})
-  for row in {**ROWS, **EXTRA_ROWS}:
+  for row in ALL_ROWS:
     done = sorted((x['length'], x) for x in results if x['row'] == row and x['status'] == 'ok')
     if not done:
       continue
@@ -386,7 +386,7 @@ def parse_rows(text: str) -> list[str]:
   rows = []
   for name in text.split(','):
     names = [DENSE, BLOCKED] if name == 'full' else [name]
-    if names[0] not in ROWS and names[0] not in EXTRA_ROWS:
+    if names[0] not in ALL_ROWS:
       raise argparse.ArgumentTypeError(
           f'unknown attention {name!r}; allowed: all, full, {", ".join(ROWS)}, '
           f'{", ".join(EXTRA_ROWS)}')
@@ -411,7 +411,8 @@ def main(argv=None) -> None:
   parser.add_argument('--attention', type=parse_rows, default='all',
                       help=f'comma-separated rows: {", ".join(ROWS)} ("full" for both '
                       f'Transformer rows), or {", ".join(EXTRA_ROWS)}; "all": the LRA rows')
-  parser.add_argument('--lengths', type=parse_lengths, default='1024,2048,3072,4096')
+  parser.add_argument('--lengths', type=parse_lengths, default='1024,2048,3072,4096',
+                      help='comma-separated input lengths, e.g. 1024,2048,3072,4096,8192,16384')
   parser.add_argument('--batch', type=_positive(int), default=2,
                       help='examples per step (default 2: what the dense Transformer at 4K '
                       'fits in here, see the docstring)')
@@ -424,7 +425,6 @@ def main(argv=None) -> None:
   parser.add_argument('--memory_limit', type=_positive(float), default=16.0,
                       help='GB per case (XLA buffers and the resident set of its process)')
   parser.add_argument('--out', default=str(DEFAULT_OUT), help='output path without extension')
-  parser.add_argument('--no_plot', action='store_true', help='write no .png')
   parser.add_argument('--case', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -453,8 +453,8 @@ def main(argv=None) -> None:
       print(json.dumps(results[-1]), flush=True)
       info['load_end'] = os.getloadavg()
       write_results(results, info, args.out, with_plot=False)
-  write_results(results, info, args.out, with_plot=not args.no_plot)
-  print(f'wrote {args.out}.md, .json' + ('' if args.no_plot else ', .png'))
+  write_results(results, info, args.out, with_plot=True)
+  print(f'wrote {args.out}.md, .json, .png')
 
 
 if __name__ == '__main__':
