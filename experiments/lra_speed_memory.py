@@ -27,7 +27,9 @@ runs it once untimed and then `--steps` times, each to `block_until_ready`:
 A case is stopped and reported as 'timeout' after `--timeout` seconds, and as
 'out of memory' when XLA plans more than `--memory_limit` GB or the resident set
 of its process passes that limit (a thread of the child watches it), never as
-a number.
+a number. XLA:CPU here sometimes never finishes an execution (all threads idle,
+seen in the Performer step); the same thread reports such a child as 'stalled'
+after 30 s without CPU use, and the case is run again, up to 3 times in all.
 
 The paper timed batch 32 on a TPU v3 4x4 slice (32 cores) and its figure included
 evaluation and compilation; here the training step alone is timed, on CPU. On this
@@ -103,10 +105,15 @@ PAPER = {
     'linear': ((9.1, 9.3, 8.6, 7.8), (0.37, 0.57, 0.80, 1.03)),
     'performer': ((9.5, 9.4, 8.7, 8.0), (0.37, 0.59, 0.82, 1.06)),
 }
-TIMEOUT, OUT_OF_MEMORY, FAILED = 'timeout', 'out of memory', 'failed'
+TIMEOUT, OUT_OF_MEMORY, STALLED, FAILED = 'timeout', 'out of memory', 'stalled', 'failed'
 GB = 1e9
 # How often the child compares its resident set with the limit.
 WATCH_SECONDS = 0.02
+# A child that used under 1% of a core over this long is stalled: XLA:CPU
+# (jaxlib 0.10.2) sometimes never finishes an execution, every thread idle.
+STALL_SECONDS = 30.0
+# Runs of a case that stalled, in all.
+ATTEMPTS = 3
 
 
 def case_config(row: str, length: int, scale: str, batch: int):
@@ -179,21 +186,55 @@ def run_case(row: str, length: int, batch: int, scale: str, steps: int,
           'peak_bytes': bench._status_bytes('VmHWM') - before}
 
 
-def watch_memory(case: dict, memory_limit: float) -> None:
-  """Ends this process with an 'out of memory' row once its resident set passes the limit."""
+def check_progress(rss: int, memory_limit: float, cpu_seconds: float,
+                   wall_seconds: float) -> tuple[str, str] | None:
+  """(status, error) of a child over the memory limit or stalled, else None.
+
+  Args:
+    rss: the child's resident set in bytes.
+    memory_limit: GB.
+    cpu_seconds: CPU time the child used over the last `wall_seconds`.
+    wall_seconds: time since the last progress check.
+
+  Returns:
+    ('out of memory' or 'stalled', what happened), or None while all is well.
+  """
+  if rss > memory_limit * GB:
+    return OUT_OF_MEMORY, (f'resident set {rss / GB:.1f} GB passed the --memory_limit of '
+                           f'{memory_limit:g} GB')
+  if wall_seconds >= STALL_SECONDS and cpu_seconds < 0.01 * wall_seconds:
+    return STALLED, f'{cpu_seconds:.2f} s of CPU in {wall_seconds:.0f} s: XLA never finished'
+  return None
+
+
+def watch(case: dict) -> None:
+  """Ends this process with an error row once it passes the memory limit or stalls."""
+  start, cpu_start = time.monotonic(), time.process_time()
   while True:
-    rss = bench._status_bytes('VmRSS')
-    if rss > memory_limit * GB:
-      row = {'row': case['row'], 'length': case['length'], 'status': OUT_OF_MEMORY,
-             'error': f'resident set {rss / GB:.1f} GB passed the --memory_limit of '
-                      f'{memory_limit:g} GB'}
-      print(json.dumps(row), flush=True)
+    wall = time.monotonic() - start
+    cpu = time.process_time() - cpu_start
+    verdict = check_progress(bench._status_bytes('VmRSS'), case['memory_limit'], cpu, wall)
+    if verdict:
+      status, error = verdict
+      print(json.dumps({'row': case['row'], 'length': case['length'], 'status': status,
+                        'error': error}), flush=True)
       os._exit(1)
+    if wall >= STALL_SECONDS:
+      start, cpu_start = time.monotonic(), time.process_time()
     time.sleep(WATCH_SECONDS)
 
 
 def run_in_subprocess(case: dict, timeout: float) -> dict:
-  """`run_case(**case)` in a fresh interpreter, stopped after `timeout` seconds."""
+  """`run_case(**case)` in a fresh interpreter, stopped after `timeout` s; rerun if it stalls."""
+  for attempt in range(1, ATTEMPTS + 1):
+    result = {**_run_once(case, timeout), 'attempts': attempt}
+    if result['status'] != STALLED:
+      break
+  return result
+
+
+def _run_once(case: dict, timeout: float) -> dict:
+  """One run of `run_case(**case)` in a fresh interpreter."""
   command = [sys.executable, '-m', 'experiments.lra_speed_memory', '--case', json.dumps(case)]
   failure = {'row': case['row'], 'length': case['length']}
   try:
@@ -267,7 +308,7 @@ def markdown(results: list[dict], info: dict) -> str:
       'and compilation; ours is the train step alone on CPU, so compare ratios, not '
       'absolute numbers. Each case in its own process, limited to '
       f'{info["timeout"]:g} s and {info["memory_limit"]:g} GB: "timeout" and "out of '
-      'memory" are cases over a limit.', '',
+      'memory" are cases over a limit; "stalled": XLA never finished a step in 3 tries.', '',
       '## Steps per second', '',
       '| model | ' + ' | '.join(f'{x} ours | {x} paper' for x in labels) + ' |',
       '|---|' + '---|---|' * len(lengths),
@@ -311,13 +352,12 @@ def markdown(results: list[dict], info: dict) -> str:
              f' | {_number(paper_value(row, n, 1))}' for n in lengths]
     lines.append(f'| {MODEL_NAMES[row]} | ' + ' | '.join(cells) + ' |')
   lines += ['', '## Attention options', '',
-            'At the longest length of each row (max_len and budgets follow the length).', '',
+            f'At length {lengths[-1]} (max_len and budgets follow the length).', '',
             '| model | attention | options |', '|---|---|---|']
   for row in rows:
-    longest = max((x for x in results if x['row'] == row and 'options' in x),
-                  key=lambda x: x['length'], default={'options': {}})
-    options = ', '.join(f'{k}={v}' for k, v in longest['options'].items())
-    lines.append(f'| {MODEL_NAMES[row]} | {ALL_ROWS[row][0]} | {options or "-"} |')
+    options = case_config(row, lengths[-1], info['scale'], info['batch']).model.attention_options
+    text = ', '.join(f'{k}={v}' for k, v in options.items())
+    lines.append(f'| {MODEL_NAMES[row]} | {ALL_ROWS[row][0]} | {text or "-"} |')
   failures = [x for x in results if x['status'] != 'ok']
   if failures:
     lines += ['', '## Cases without a measurement', '']
@@ -430,8 +470,7 @@ def main(argv=None) -> None:
 
   if args.case:
     case = json.loads(args.case)
-    threading.Thread(target=watch_memory, args=(case, case['memory_limit']),
-                     daemon=True).start()
+    threading.Thread(target=watch, args=(case,), daemon=True).start()
     print(json.dumps(run_case(**case)), flush=True)
     return
 

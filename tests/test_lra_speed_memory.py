@@ -19,7 +19,7 @@ def table(markdown: str, heading: str) -> dict:
 
 
 def ok(row, length, steps_per_second, xla_gb, step_gb=0.5):
-  return {'row': row, 'length': length, 'status': 'ok', 'options': {'x': 1},
+  return {'row': row, 'length': length, 'status': 'ok',
           'steps_per_second': steps_per_second, 'seconds': 1 / steps_per_second,
           'xla_bytes': xla_gb * GB, 'peak_bytes': step_gb * GB}
 
@@ -64,6 +64,10 @@ def test_tables_put_the_paper_beside_ours():
   assert memory['Transformer (dense)']['1K paper'] == '0.85'
   assert 'TPU v3' in text and 'train step alone on CPU' in text
   assert INFO['command'] in text and 'at start 1.00' in text and 'at end 2.00' in text
+  # Options of every row, the timed-out Performer's too.
+  options = table(text, 'Attention options')
+  assert options['Performer']['options'] == 'num_features=256'
+  assert options['Transformer (dense)']['options'] == 'backend=dense'
 
 
 def test_cases_over_a_limit_are_reported_never_as_numbers():
@@ -121,6 +125,23 @@ def test_a_process_past_the_memory_limit_is_out_of_memory():
   result = lra.run_in_subprocess({**CASE, 'memory_limit': 0.05}, timeout=120)
   assert result['status'] == 'out of memory', result
   assert 'resident set' in result['error'] and 'steps_per_second' not in result
+
+
+def test_progress_check_finds_memory_over_the_limit_and_stalls():
+  assert lra.check_progress(int(0.5 * GB), 1.0, 10.0, 30.0) is None
+  status, error = lra.check_progress(int(1.5 * GB), 1.0, 10.0, 30.0)
+  assert status == 'out of memory' and '1.5 GB' in error
+  # Idle (every thread waiting) for the whole window: stalled; a shorter window is not judged.
+  assert lra.check_progress(int(0.5 * GB), 1.0, 0.1, 30.0)[0] == 'stalled'
+  assert lra.check_progress(int(0.5 * GB), 1.0, 0.1, 10.0) is None
+
+
+def test_a_stalled_case_is_run_again(monkeypatch):
+  outputs = iter([{'status': 'stalled'}, {'status': 'stalled'}, {'status': 'ok'}])
+  monkeypatch.setattr(lra, '_run_once', lambda case, timeout: next(outputs))
+  assert lra.run_in_subprocess(CASE, 1.0) == {'status': 'ok', 'attempts': 3}
+  outputs = iter([{'status': 'stalled'}] * 3 + [{'status': 'ok'}])
+  assert lra.run_in_subprocess(CASE, 1.0) == {'status': 'stalled', 'attempts': 3}
 
 
 @pytest.mark.parametrize('argv, words', [
