@@ -193,7 +193,7 @@ def check_progress(rss: int, memory_limit: float, cpu_seconds: float,
   Args:
     rss: the child's resident set in bytes.
     memory_limit: GB.
-    cpu_seconds: CPU time the child used over the last `wall_seconds`.
+    cpu_seconds: CPU time the child's other threads used over the last `wall_seconds`.
     wall_seconds: time since the last progress check.
 
   Returns:
@@ -209,10 +209,12 @@ def check_progress(rss: int, memory_limit: float, cpu_seconds: float,
 
 def watch(case: dict) -> None:
   """Ends this process with an error row once it passes the memory limit or stalls."""
-  start, cpu_start = time.monotonic(), time.process_time()
+  # CPU time of the process minus this thread's own.
+  others = lambda: time.process_time() - time.thread_time()
+  start, cpu_start = time.monotonic(), others()
   while True:
     wall = time.monotonic() - start
-    cpu = time.process_time() - cpu_start
+    cpu = others() - cpu_start
     verdict = check_progress(bench._status_bytes('VmRSS'), case['memory_limit'], cpu, wall)
     if verdict:
       status, error = verdict
@@ -220,7 +222,7 @@ def watch(case: dict) -> None:
                         'error': error}), flush=True)
       os._exit(1)
     if wall >= STALL_SECONDS:
-      start, cpu_start = time.monotonic(), time.process_time()
+      start, cpu_start = time.monotonic(), others()
     time.sleep(WATCH_SECONDS)
 
 
