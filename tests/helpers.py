@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficient_attn.attention import base
+from efficient_attn.attention import base, full
 
 HEADS, HEAD_DIM = 2, 8
 # The tests check values, not speed: skip XLA's slow backend optimisations.
@@ -33,6 +33,13 @@ def normal_qkv(shape, value_dim, dtype=jnp.float32, seed=0):
   kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
   return (jax.random.normal(kq, shape, dtype), jax.random.normal(kk, shape, dtype),
           jax.random.normal(kv, shape[:3] + (value_dim,), dtype))
+
+
+def relative_error(x, reference):
+  """max |x - reference| / max |reference| in float64 (max |x| where the reference is all 0)."""
+  x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+  scale = np.abs(reference).max()
+  return np.abs(x - reference).max() / (scale if scale > 0 else 1.0)
 
 
 def with_mask_and_causality(visible, mask, causal):
@@ -186,3 +193,84 @@ def assert_bad_inputs_raise(attention, length=10):
     attention(q, k, v, mask=jnp.ones((2, length - 1), bool))
   with pytest.raises(ValueError, match='mask'):
     attention(q, k, v, mask=jnp.ones((2, length), jnp.int32))
+
+
+def real(x, mask):
+  """`x` `[batch, len, ...]` with the positions that `mask` `[batch, len]` pads set to 0."""
+  return np.where(np.asarray(mask)[:, :, None, None], x, 0)
+
+
+def assert_exact_at_real_positions(attention, q, k, v, mask):
+  """`attention(q, k, v, mask, causal)` and dense attention agree at real positions, with grads."""
+
+  def both(q, k, v):
+    results = []
+    for causal in (False, True):
+      for fn in (lambda *a: attention(*a, mask, causal),
+                 lambda *a: full.dense_attention(*a, mask, causal)):
+        loss = lambda q, k, v: jnp.sum(jnp.where(mask[:, :, None, None], fn(q, k, v), 0) ** 2)
+        results.append((fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+    return results
+
+  results = jax.jit(both)(q, k, v)
+  for (got, got_grads), (want, want_grads) in (results[:2], results[2:]):
+    np.testing.assert_allclose(real(got, mask), real(want, mask), atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+      np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def causal_zero_gradient_at_every_split(attention, q, k, v, splits):
+  """Gradients of the outputs before each split of causal `attention(q, k, v)`: 0 after it."""
+
+  def grads(q, k, v, split):
+    before = (jnp.arange(q.shape[1]) < split)[None, :, None, None]
+    loss = lambda q, k, v: jnp.sum(jnp.where(before, attention(q, k, v), 0) ** 2)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  grads = jax.jit(grads)
+  for split in splits:
+    for g in grads(q, k, v, split):
+      assert np.all(np.asarray(g[:, split:]) == 0), split
+      assert np.any(np.asarray(g[0, :split]) != 0), split
+
+
+def padding_changes_no_real_output(call, inputs, other, mask):
+  """`call(q, k, v, causal)` at real positions ignores q, k, v at padding; returns the changed."""
+  padded = ~mask[:, :, None, None]
+  changed = [jnp.where(padded, 10 * o, x) for x, o in zip(inputs, other)]
+  for causal in (False, True):
+    np.testing.assert_allclose(real(call(*changed, causal), mask),
+                               real(call(*inputs, causal), mask), atol=1e-6)
+  return changed
+
+
+def fully_masked_row_gives_zeros_and_finite_gradients(attention, q, k, v, mask):
+  """With row 1 of `mask` all padding, `attention(q, k, v, mask, causal)` is 0 there, finite."""
+  mask = mask.copy()
+  mask[1] = False
+  for causal in (False, True):
+    call = lambda q, k, v: attention(q, k, v, mask, causal)
+    out, grads = jax.value_and_grad(lambda *a: jnp.sum(call(*a) ** 2), argnums=(0, 1, 2))(
+        q, k, v)
+    assert np.all(np.asarray(call(q, k, v)[1]) == 0) and np.isfinite(out)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def pmap_over_four_devices_matches_one_call(attention, q, k, v, mask):
+  """`attention(q, k, v, mask)` on a doubled batch, one example per device, equals one call."""
+  assert jax.device_count() == 4
+  q, k, v = (jnp.concatenate([x, x]) for x in (q, k, v))
+  mask = np.concatenate([mask, mask])
+  split = lambda x: x.reshape((4, 1) + x.shape[1:])
+  got = jax.pmap(attention)(*map(split, (q, k, v, mask)))
+  np.testing.assert_allclose(got.reshape((4,) + got.shape[2:]), attention(q, k, v, mask),
+                             atol=1e-6)
+
+
+def bfloat16_close_to_float32(attention, q, k, v, mask):
+  """`attention(q, k, v)` on bfloat16 inputs stays bfloat16 and near float32 at real positions."""
+  call = jax.jit(attention)
+  low = call(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(real(low.astype(jnp.float32), mask), real(call(q, k, v), mask),
+                             atol=0.05)
