@@ -74,10 +74,8 @@ def value_and_grads(attention, q, k, v, extras):
 
 
 def assert_same_values_and_grads(attention, oracle, q, k, v, extras=None, rtol=1e-5):
-  """`attention` and `oracle`, both called as `f(q, k, v, extras)`, agree in outputs and gradients.
-
-  Masks travel in `extras` as arguments, not as constants XLA would fold.
-  """
+  """`attention` and `oracle`, both `f(q, k, v, extras)`, agree in outputs and gradients."""
+  # Masks travel in `extras` as arguments, not as constants XLA would fold.
   both = jit(lambda q, k, v, extras: (value_and_grads(attention, q, k, v, extras),
                                       value_and_grads(oracle, q, k, v, extras)))
   actual, expected = both(q, k, v, extras)
@@ -121,15 +119,12 @@ def padding_changes_nothing(attention, length=45):
   call = jit(attention)
   want = call(q, k, v, mask)
   got = call(*(jnp.where(hidden, 100 * n, x) for x, n in zip((q, k, v), noise)), mask)
-  real = np.asarray(mask)[:, :, None, None]
-  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(real(got, mask), real(want, mask), rtol=0, atol=1e-6)
 
 
 def module_under_pmap_matches_one_device(attention, *extras, length=40):
-  """Outputs and gradients of `attention(q, k, v, mask, True, *extras)` under jit and pmap agree.
-
-  `extras` are per-example arrays `[4, ...]`, split over the devices like q, k, v.
-  """
+  """Outputs and grads of `attention(q, k, v, mask, True, *extras)` agree under jit and pmap."""
+  # `extras` are per-example arrays `[4, ...]`, split over the devices like q, k, v.
   q, k, v = make_qkv(length, batch=4)
   mask = random_mask(length, batch=4)
   cotangent = make_qkv(length, batch=4, seed=5)[0]
