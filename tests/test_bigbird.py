@@ -5,7 +5,6 @@ the very blocks the attention read.
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,22 +13,12 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.attention import base, bigbird
+from efficient_attn.attention import bigbird
 from efficient_attn.attention.full import dense_attention
+from helpers import (HEADS, assert_same_values_and_grads, jit, largest_compiled_array, make_qkv,
+                     masked_attention, module_under_pmap_matches_one_device, random_mask)
 
-BATCH, HEADS, DIM = 2, 2, 8
-# The tests check values, not speed: skip XLA's slow backend optimisations.
-jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
-
-
-def make_qkv(length, batch=BATCH, dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (batch, length, HEADS, DIM)
-  return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
-
-
-def random_mask(length, batch=BATCH, seed=1, keep=0.8):
-  return jnp.asarray(np.random.default_rng(seed).random((batch, length)) < keep)
+BATCH = 2
 
 
 def draw(length, block_len, window, num_global, num_random, causal, seed=0):
@@ -56,40 +45,6 @@ def dense_visibility(random_blocks, length, block_len, window, num_global, causa
     visible &= np.tril(np.ones((length, length), bool))
   mask = np.ones((batch, length), bool) if mask is None else np.asarray(mask)
   return jnp.asarray(visible[None] & mask[:, None, None, :])
-
-
-def masked_attention(q, k, v, visible):
-  """Exact attention under an explicit bool `[batch, heads, q_len, kv_len]` mask: the oracle."""
-  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  probs = jax.nn.softmax(jnp.where(visible, scores, base.MASK_VALUE), axis=-1)
-  probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-
-
-def value_and_grads(attention, q, k, v, extras):
-  """`attention(q, k, v, extras)` and the gradients w.r.t. q, k, v of a fixed projection of it."""
-  cotangent = np.random.default_rng(7).normal(size=q.shape[:3] + v.shape[-1:])
-
-  def loss(q, k, v):
-    out = attention(q, k, v, extras)
-    return jnp.sum(out.astype(jnp.float32) * cotangent), out
-
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  return (out,) + grads
-
-
-def assert_same_values_and_grads(attention, oracle, q, k, v, extras, rtol=1e-5):
-  """Both `f(q, k, v, extras)` agree in outputs and gradients (relative to the largest value)."""
-  both = jit(lambda q, k, v, extras: (value_and_grads(attention, q, k, v, extras),
-                                      value_and_grads(oracle, q, k, v, extras)))
-  actual, expected = both(q, k, v, extras)
-  for a, e in zip(actual, expected):
-    a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
-    assert np.all(np.isfinite(a))
-    error = np.abs(a - e).max() / max(np.abs(e).max(), 1.0)
-    assert error <= rtol, f'relative error {error}'
-  return actual
 
 
 @pytest.mark.parametrize('causal,padded', [(False, False), (False, True), (True, True)])
@@ -228,26 +183,9 @@ def test_bfloat16_inputs():
 
 
 def test_module_under_jit_and_pmap_matches_one_device():
-  length = 40
   attention = ea.make_attention('bigbird', block_len=4, num_global_blocks=1,
                                 num_random_blocks=2, rngs=nnx.Rngs(0))
-  q, k, v = make_qkv(length, batch=4)
-  mask = random_mask(length, batch=4)
-  cotangent = make_qkv(length, batch=4, seed=5)[0]
-  key = jax.random.key(3)
-
-  def value_and_grads_of_module(q, k, v, mask, cotangent):
-    call = lambda q, k, v: attention(q, k, v, mask, True, rngs=key)
-    out, pullback = jax.vjp(call, q, k, v)
-    return (out,) + pullback(cotangent)
-
-  args = (q, k, v, mask, cotangent)
-  one_device = jit(value_and_grads_of_module)(*args)
-  assert jax.local_device_count() == 4
-  split = lambda x: x.reshape(4, -1, *x.shape[1:])
-  per_device = jax.pmap(value_and_grads_of_module)(*map(split, args))
-  for d, o in zip(per_device, one_device):
-    np.testing.assert_allclose(d.reshape(o.shape), o, rtol=0, atol=1e-6)
+  module_under_pmap_matches_one_device(functools.partial(attention, rngs=jax.random.key(3)))
 
 
 def test_no_length_squared_array_forward_or_backward():
@@ -255,13 +193,11 @@ def test_no_length_squared_array_forward_or_backward():
   q, k, v = make_qkv(length, batch=1)
   attention = ea.make_attention('bigbird', block_len=32, rngs=nnx.Rngs(0))
   loss = lambda q, k, v, key: jnp.sum(attention(q, k, v, causal=False, rngs=key) ** 2)
-  grads = jit(jax.grad(loss, argnums=(0, 1, 2)))
-  hlo = grads.lower(q, k, v, jax.random.key(0)).compile().as_text()
-  sizes = [np.prod([int(d) for d in dims.split(',') if d])
-           for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', hlo)]
+  largest = largest_compiled_array(jax.grad(loss, argnums=(0, 1, 2)), q, k, v,
+                                   jax.random.key(0))
   # The gathered key strips hold heads * length * 8 blocks' keys (2 global, 3
   # window, 3 random), 256 * length elements; the scores would be 2 * length**2.
-  assert max(sizes) <= 256 * length
+  assert largest <= 256 * length
 
 
 def test_registered_with_its_options():

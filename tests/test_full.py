@@ -10,6 +10,7 @@ from flax import nnx
 
 import efficient_attn as ea
 from efficient_attn.attention.full import dense_attention, xla_attention
+from helpers import relative_error
 
 BLOCKS = dict(q_block=64, kv_block=32)  # small blocks so short inputs span several
 
@@ -24,13 +25,6 @@ def random_qkv(seed, batch, q_len, kv_len, heads=2, head_dim=16, dtype=jnp.float
 
 def random_mask(seed, batch, kv_len):
   return jax.random.bernoulli(jax.random.key(seed + 100), 0.7, (batch, kv_len))
-
-
-def relative_error(x, reference):
-  """Max abs error over the max abs reference (absolute error where the reference is 0)."""
-  x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
-  scale = np.abs(reference).max()
-  return np.abs(x - reference).max() / (scale if scale > 0 else 1.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

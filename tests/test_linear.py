@@ -9,6 +9,7 @@ import pytest
 
 import efficient_attn as ea
 from efficient_attn.attention import linear
+from helpers import largest_array
 
 # Compile with less optimisation: the tests are bound by compilation.
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
@@ -142,32 +143,16 @@ def test_module_matches_function_and_options_only_change_speed():
       np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6, err_msg=str(options))
 
 
-def _largest_array(fn, *args):
-  """The most elements of any value in the jaxpr of fn, sub-jaxprs included."""
-
-  def largest(jaxpr):
-    sizes = [int(np.prod(var.aval.shape)) for eqn in jaxpr.eqns for var in eqn.outvars]
-    for eqn in jaxpr.eqns:
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          sub = getattr(sub, 'jaxpr', sub)
-          if hasattr(sub, 'eqns'):
-            sizes.append(largest(sub))
-    return max(sizes, default=0)
-
-  return largest(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
 @pytest.mark.parametrize('causal', [False, True])
 def test_no_quadratic_array_in_forward_or_backward(causal):
   n = 1024
   q, k, v = (jnp.zeros((1, n, 1, 8)) for _ in range(3))
   grad = jax.grad(lambda q, k, v: jnp.sum(linear.linear_attention(q, k, v, causal=causal)),
                   argnums=(0, 1, 2))
-  assert _largest_array(grad, q, k, v) < n * n // 16
+  assert largest_array(jax.make_jaxpr(grad)(q, k, v).jaxpr) < n * n // 16
   # The oracle does hold one, so the check can see it.
   oracle = lambda q, k, v: quadratic_linear_attention(q, k, v, np.ones((1, n), bool), causal)
-  assert _largest_array(oracle, q, k, v) >= n * n
+  assert largest_array(jax.make_jaxpr(oracle)(q, k, v).jaxpr) >= n * n
 
 
 @pytest.mark.parametrize('options,message', [

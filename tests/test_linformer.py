@@ -11,6 +11,7 @@ from flax import nnx
 import efficient_attn.attention as attention
 from efficient_attn.attention.full import dense_attention
 from efficient_attn.attention.linformer import LinformerAttention, linformer_attention
+from helpers import relative_error
 
 BATCH, HEADS, HEAD_DIM = 2, 2, 8
 
@@ -38,12 +39,6 @@ def with_grads(fn):
     return (out,) + pullback(cotangent.astype(out.dtype))
 
   return jax.jit(run)
-
-
-def relative_error(x, reference):
-  """max |x - reference| / max |reference|."""
-  x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
-  return np.abs(x - reference).max() / np.abs(reference).max()
 
 
 def set_identity(attn, max_len):

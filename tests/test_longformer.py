@@ -1,31 +1,16 @@
 """Tests of the 'longformer' attention against exact attention with explicit masks."""
 
-import functools
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import efficient_attn as ea
-from efficient_attn.attention import base
 from efficient_attn.attention.full import dense_attention
 from efficient_attn.attention.longformer import LongformerAttention, sliding_window_attention
-
-HEADS, HEAD_DIM = 2, 8
-# The tests check values, not speed: skip XLA's slow backend optimisations.
-jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
-
-
-def make_qkv(length, batch=2, dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  shape = (batch, length, HEADS, HEAD_DIM)
-  return tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
-
-
-def random_mask(length, batch=2, seed=1, keep=0.8):
-  return jnp.asarray(np.random.default_rng(seed).random((batch, length)) < keep)
+from helpers import (assert_bad_inputs_raise, assert_same_values_and_grads, jit,
+                     largest_compiled_array, make_qkv, masked_attention,
+                     module_under_pmap_matches_one_device, random_mask)
 
 
 def random_global(length, batch=2, count=3, seed=2):
@@ -52,48 +37,6 @@ def dense_visibility(length, window, dilation=1, causal=False, mask=None, global
   if mask is not None:
     visible = visible & np.asarray(mask)[:, None, :]
   return jnp.asarray(visible)
-
-
-def masked_attention(q, k, v, visible):
-  """Exact attention under an explicit bool `[batch, q_len, kv_len]` mask: the oracle."""
-  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  visible = visible[:, None]
-  probs = jax.nn.softmax(jnp.where(visible, scores, base.MASK_VALUE), axis=-1)
-  probs = jnp.where(visible.any(-1, keepdims=True), probs, 0.0)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-
-
-def value_and_grads(attention, q, k, v, extras):
-  """`attention(q, k, v, extras)` and the gradients w.r.t. q, k, v of a fixed projection of it."""
-  cotangent = np.random.default_rng(7).normal(size=q.shape[:3] + v.shape[-1:])
-
-  def loss(q, k, v):
-    out = attention(q, k, v, extras)
-    return jnp.sum(out.astype(jnp.float32) * cotangent), out
-
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-  return (out,) + grads
-
-
-def assert_close(actual, expected, rtol=1e-5):
-  for a, e in zip(actual, expected):
-    a, e = np.asarray(a, np.float32), np.asarray(e, np.float32)
-    assert np.all(np.isfinite(a))
-    # Relative to the largest reference value; absolute where that is below 1
-    # (gradients that are exactly 0 in exact arithmetic).
-    error = np.abs(a - e).max() / max(np.abs(e).max(), 1.0)
-    assert error <= rtol, f'relative error {error}'
-
-
-def assert_same_values_and_grads(attention, oracle, q, k, v, extras=None, rtol=1e-5):
-  """`attention` and `oracle`, both called as `f(q, k, v, extras)`, agree in outputs and
-  gradients. Masks travel in `extras` as arguments, not as constants XLA would fold."""
-  both = jit(lambda q, k, v, extras: (value_and_grads(attention, q, k, v, extras),
-                                      value_and_grads(oracle, q, k, v, extras)))
-  actual, expected = both(q, k, v, extras)
-  assert_close(actual, expected, rtol)
-  return actual
 
 
 @pytest.mark.parametrize('causal,padded', [(False, False), (False, True), (True, False),
@@ -220,25 +163,8 @@ def test_bfloat16_inputs():
 
 
 def test_module_under_jit_and_pmap_matches_one_device():
-  length = 40
   attention = ea.make_attention('longformer', window=5, dilation=2, max_global=3, block=8)
-  q, k, v = make_qkv(length, batch=4)
-  mask = random_mask(length, batch=4)
-  global_mask = random_global(length, batch=4, count=2)
-  cotangent = make_qkv(length, batch=4, seed=5)[0]
-
-  def value_and_grads_of_module(q, k, v, mask, global_mask, cotangent):
-    out, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, mask, True, global_mask), q, k, v)
-    return (out,) + pullback(cotangent)
-
-  args = (q, k, v, mask, global_mask, cotangent)
-  one_device = jit(value_and_grads_of_module)(*args)
-  devices = jax.local_device_count()
-  assert devices == 4
-  split = lambda x: x.reshape(devices, -1, *x.shape[1:])
-  per_device = jax.pmap(value_and_grads_of_module)(*map(split, args))
-  for d, o in zip(per_device, one_device):
-    np.testing.assert_allclose(d.reshape(o.shape), o, rtol=0, atol=1e-6)
+  module_under_pmap_matches_one_device(attention, random_global(40, batch=4, count=2))
 
 
 def test_no_length_squared_array_forward_or_backward():
@@ -247,12 +173,9 @@ def test_no_length_squared_array_forward_or_backward():
   global_mask = jnp.zeros((1, length), bool).at[0, 3].set(True)
   loss = lambda q, k, v, global_mask: jnp.sum(sliding_window_attention(
       q, k, v, None, False, window, global_mask=global_mask, max_global=4) ** 2)
-  grads = jit(jax.grad(loss, argnums=(0, 1, 2)))
-  hlo = grads.lower(q, k, v, global_mask).compile().as_text()
-  sizes = [np.prod([int(d) for d in dims.split(',') if d])
-           for dims in re.findall(r'[a-z]+\d*\[([\d,]*)\]', hlo)]
+  largest = largest_compiled_array(jax.grad(loss, argnums=(0, 1, 2)), q, k, v, global_mask)
   # Inputs are length * 16 elements; a full score matrix would be length**2 * 2.
-  assert max(sizes) <= 64 * length
+  assert largest <= 64 * length
 
 
 def test_registered_with_its_options():
@@ -281,15 +204,8 @@ def test_unknown_option_lists_valid_ones():
 
 def test_bad_inputs():
   attention = ea.make_attention('longformer', window=2, max_global=2)
+  assert_bad_inputs_raise(attention)
   q, k, v = make_qkv(10)
-  with pytest.raises(ValueError, match='rank 4'):
-    attention(q[0], k, v)
-  with pytest.raises(ValueError, match='q_len == kv_len'):
-    attention(q[:, :5], k, v)
-  with pytest.raises(ValueError, match='mask'):
-    attention(q, k, v, mask=jnp.ones((2, 9), bool))
-  with pytest.raises(ValueError, match='mask'):
-    attention(q, k, v, mask=jnp.ones((2, 10), jnp.int32))
   with pytest.raises(ValueError, match=r'global_mask must be a bool.*int32'):
     attention(q, k, v, global_mask=jnp.ones((2, 10), jnp.int32))
   with pytest.raises(ValueError, match=r'global_mask must have shape .*\(2, 10\).*\(2, 9\)'):

@@ -16,6 +16,7 @@ from flax import nnx
 import efficient_attn as ea
 from efficient_attn.attention import base, core, lsh
 from efficient_attn.attention.full import dense_attention
+from helpers import largest_array, relative_error
 
 BATCH, LENGTH, HEADS, DIM = 2, 40, 2, 8
 
@@ -47,13 +48,6 @@ def rotations(seed, n_hashes=2, n_buckets=4):
   """Gaussian rotations as `lsh.draw_rotations` makes them, from numpy."""
   shape = (HEADS, n_hashes, DIM, n_buckets // 2)
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def relative_error(x, y):
-  """max |x - y| / max |y| in numpy (eager jnp would compile a program per shape)."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  scale = np.max(np.abs(y))
-  return np.max(np.abs(x - y)) / scale if scale else np.max(np.abs(x))
 
 
 # Configurations that several tests share (each compiles once). Non-causal
@@ -431,19 +425,6 @@ def test_pmap_matches_one_device():
                              atol=1e-6)
 
 
-def largest_intermediate(jaxpr):
-  """Most elements of any value computed in `jaxpr`, inner jaxprs included."""
-  sizes = [0]
-  for eqn in jaxpr.eqns:
-    sizes += [math.prod(getattr(var.aval, 'shape', ())) for var in eqn.outvars]
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (list, tuple)) else [param]:
-        inner = getattr(inner, 'jaxpr', inner)
-        if isinstance(inner, jax.extend.core.Jaxpr):
-          sizes.append(largest_intermediate(inner))
-  return max(sizes)
-
-
 def test_intermediates_grow_linearly_with_length(monkeypatch):
   # Hashing holds length x n_buckets rotated entries, in blocks of at most
   # _HASH_BLOCK_SIZE: a small cap makes its blocks matter at these lengths.
@@ -453,7 +434,7 @@ def test_intermediates_grow_linearly_with_length(monkeypatch):
     q, k, v, _ = random_inputs(length=length, batch=1)
     loss = lambda q, k, v: jnp.sum(lsh.lsh_attention(
         q, k, v, rotations(0, n_buckets=length // 64), chunk_len=32, n_chunks_after=1))
-    return largest_intermediate(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr)
+    return largest_array(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, v).jaxpr)
 
   # Per head and round, the keys are length + 2 chunks and each step's logits
   # one chunk x 3 chunks: doubling the length doubles the largest value

@@ -10,6 +10,7 @@ from flax import nnx
 
 import efficient_attn as ea
 from efficient_attn.attention import base, performer
+from helpers import relative_error
 
 # The tests are bound by compilation: compile with less optimisation, and share
 # one jitted entry point so that tests with equal shapes share programs.
@@ -64,10 +65,6 @@ def _naive_favor(q, k, v, features, mask, causal=False, kernel='softmax'):
   return out / jnp.sum(weights, axis=-1).transpose(0, 2, 1)[..., None]
 
 
-def _rel_error(x, reference):
-  return float(jnp.max(jnp.abs(x - reference)) / jnp.max(jnp.abs(reference)))
-
-
 def test_features_are_orthogonal_blocks_with_chi_norms():
   features = _features(0)
   assert features.shape == (NUM_FEATURES, HEAD_DIM) and features.dtype == jnp.float32
@@ -120,7 +117,7 @@ def test_chunked_equals_naive_favor(kernel, causal, length, chunk_len):
   out = favor(q, k, v, features, mask, causal, kernel, chunk_len=chunk_len,
               block_len=chunk_len)
   reference = _naive_favor(q, k, v, features, mask, causal, kernel)
-  assert _rel_error(out, reference) < 1e-5
+  assert relative_error(out, reference) < 1e-5
 
 
 def test_noncausal_allows_different_query_and_key_lengths():
@@ -130,7 +127,7 @@ def test_noncausal_allows_different_query_and_key_lengths():
   out = favor(q, k, v, features, block_len=CHUNK)
   assert out.shape == q.shape
   reference = _naive_favor(q, k, v, features, jnp.ones((BATCH, 27), bool))
-  assert _rel_error(out, reference) < 1e-5
+  assert relative_error(out, reference) < 1e-5
 
 
 @pytest.mark.parametrize('causal', [False, True])

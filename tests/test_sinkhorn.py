@@ -7,7 +7,11 @@ import pytest
 from flax import nnx
 
 import efficient_attn as ea
-from efficient_attn.attention import full, sinkhorn
+from efficient_attn.attention import sinkhorn
+from helpers import (assert_exact_at_real_positions, bfloat16_close_to_float32,
+                     causal_zero_gradient_at_every_split,
+                     fully_masked_row_gives_zeros_and_finite_gradients, largest_array, normal_qkv,
+                     padding_changes_no_real_output, pmap_over_four_devices_matches_one_call, real)
 
 BATCH, LENGTH, HEADS, DIM, VALUE_DIM = 2, 20, 2, 8, 6
 BLOCK = 4  # five blocks
@@ -16,10 +20,7 @@ MASK = np.arange(LENGTH)[None, :] < np.array([[14], [7]])
 
 
 def inputs(dtype=jnp.float32, seed=0):
-  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  shape = (BATCH, LENGTH, HEADS, DIM)
-  return (jax.random.normal(kq, shape, dtype), jax.random.normal(kk, shape, dtype),
-          jax.random.normal(kv, shape[:3] + (VALUE_DIM,), dtype))
+  return normal_qkv((BATCH, LENGTH, HEADS, DIM), VALUE_DIM, dtype, seed)
 
 
 def noise(seed=3):
@@ -27,27 +28,11 @@ def noise(seed=3):
   return jax.random.gumbel(jax.random.key(seed), (BATCH, HEADS, n_blocks, n_blocks))
 
 
-def real(x):
-  return np.where(MASK[:, :, None, None], x, 0)
-
-
 def test_one_block_equals_exact_attention_outputs_and_gradients():
-  q, k, v = inputs()
-
-  def both(q, k, v):
-    results = []
-    for causal in (False, True):
-      for fn in (lambda *a: sinkhorn.sinkhorn_attention(*a, MASK, causal, block_len=32),
-                 lambda *a: full.dense_attention(*a, MASK, causal)):
-        loss = lambda q, k, v: jnp.sum(jnp.where(MASK[:, :, None, None], fn(q, k, v), 0) ** 2)
-        results.append((fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
-    return results
-
-  results = jax.jit(both)(q, k, v)
-  for (got, got_grads), (want, want_grads) in (results[:2], results[2:]):
-    np.testing.assert_allclose(real(got), real(want), atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-      np.testing.assert_allclose(g, w, atol=1e-5)
+  assert_exact_at_real_positions(
+      lambda q, k, v, mask, causal: sinkhorn.sinkhorn_attention(q, k, v, mask, causal,
+                                                                block_len=32),
+      *inputs(), MASK)
 
 
 def test_sinkhorn_is_doubly_stochastic_and_causal_rows_see_only_past_blocks():
@@ -101,7 +86,7 @@ def test_matches_numpy_oracle_with_noise_and_padding(causal):
   got = sinkhorn.sinkhorn_attention(q, k, v, MASK, causal, block_len=BLOCK, temperature=0.5,
                                     noise=noise())
   want = oracle(q, k, v, MASK, causal, 0.5, np.asarray(noise()))
-  np.testing.assert_allclose(real(got), real(want), atol=1e-5)
+  np.testing.assert_allclose(real(got, MASK), real(want, MASK), atol=1e-5)
 
 
 def test_soft_sorted_block_follows_a_hard_permutation():
@@ -125,45 +110,23 @@ def test_soft_sorted_block_follows_a_hard_permutation():
 
 
 def test_causal_has_zero_gradient_from_the_future_at_every_split():
-  q, k, v = inputs()
   attn = ea.make_attention('sinkhorn', block_len=BLOCK, gumbel_noise=True, rngs=nnx.Rngs(0))
   key = jax.random.key(5)
-
-  def grads(q, k, v, split):
-    before = (jnp.arange(LENGTH) < split)[None, :, None, None]
-    loss = lambda q, k, v: jnp.sum(
-        jnp.where(before, attn(q, k, v, mask=MASK, causal=True, rngs=key), 0) ** 2)
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-  grads = jax.jit(grads)
-  for split in (2, 5, 6, 9):
-    for g in grads(q, k, v, split):
-      assert np.all(np.asarray(g[:, split:]) == 0), split
-      assert np.any(np.asarray(g[0, :split]) != 0), split
+  causal_zero_gradient_at_every_split(
+      lambda q, k, v: attn(q, k, v, mask=MASK, causal=True, rngs=key), *inputs(), (2, 5, 6, 9))
 
 
 def test_padding_never_leaks_through_the_sorted_blocks():
-  q, k, v = inputs()
-  other = inputs(seed=1)
-  padded = ~MASK[:, :, None, None]
   call = jax.jit(lambda q, k, v, causal: sinkhorn.sinkhorn_attention(
       q, k, v, MASK, causal, block_len=BLOCK, noise=noise()), static_argnums=3)
-  for causal in (False, True):
-    want = call(q, k, v, causal)
-    changed = [jnp.where(padded, 10 * o, x) for x, o in zip((q, k, v), other)]
-    np.testing.assert_allclose(real(call(*changed, causal)), real(want), atol=1e-6)
+  padding_changes_no_real_output(call, inputs(), inputs(seed=1), MASK)
 
 
 def test_fully_masked_rows_give_zeros_and_finite_gradients():
-  q, k, v = inputs()
-  mask = MASK.copy()
-  mask[1] = False
-  for causal in (False, True):
-    call = lambda q, k, v: sinkhorn.sinkhorn_attention(q, k, v, mask, causal, block_len=BLOCK)
-    out, grads = jax.value_and_grad(lambda *a: jnp.sum(call(*a) ** 2), argnums=(0, 1, 2))(
-        q, k, v)
-    assert np.all(np.asarray(call(q, k, v)[1]) == 0) and np.isfinite(out)
-    assert all(np.all(np.isfinite(g)) for g in grads)
+  fully_masked_row_gives_zeros_and_finite_gradients(
+      lambda q, k, v, mask, causal: sinkhorn.sinkhorn_attention(q, k, v, mask, causal,
+                                                                block_len=BLOCK),
+      *inputs(), MASK)
 
 
 def test_gumbel_noise_from_call_rngs_only_when_training():
@@ -181,21 +144,15 @@ def test_gumbel_noise_from_call_rngs_only_when_training():
 
 
 def test_pmap_over_four_devices_matches_one_call():
-  assert jax.device_count() == 4
-  q, k, v = (jnp.concatenate([x, x]) for x in inputs())
-  mask = np.concatenate([MASK, MASK])
-  call = lambda q, k, v, m: sinkhorn.sinkhorn_attention(q, k, v, m, block_len=BLOCK)
-  split = lambda x: x.reshape((4, 1) + x.shape[1:])
-  got = jax.pmap(call)(*map(split, (q, k, v, mask)))
-  np.testing.assert_allclose(got.reshape((4,) + got.shape[2:]), call(q, k, v, mask), atol=1e-6)
+  pmap_over_four_devices_matches_one_call(
+      lambda q, k, v, m: sinkhorn.sinkhorn_attention(q, k, v, m, block_len=BLOCK), *inputs(),
+      MASK)
 
 
 def test_bfloat16_close_to_float32():
-  q, k, v = inputs()
-  call = jax.jit(lambda q, k, v: sinkhorn.sinkhorn_attention(q, k, v, MASK, block_len=BLOCK))
-  low = call(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
-  assert low.dtype == jnp.bfloat16
-  np.testing.assert_allclose(real(low.astype(jnp.float32)), real(call(q, k, v)), atol=0.05)
+  bfloat16_close_to_float32(
+      lambda q, k, v: sinkhorn.sinkhorn_attention(q, k, v, MASK, block_len=BLOCK), *inputs(),
+      MASK)
 
 
 def test_errors():
@@ -214,17 +171,6 @@ def test_errors():
     ea.make_attention('sinkhorn')
 
 
-def _largest_array(jaxpr) -> int:
-  """The most elements of any value in a jaxpr and the jaxprs inside it."""
-  sizes = [np.prod(v.aval.shape, dtype=int) for eqn in jaxpr.eqns for v in eqn.outvars]
-  for eqn in jaxpr.eqns:
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
-          sizes.append(_largest_array(getattr(sub, 'jaxpr', sub)))
-  return max(sizes, default=0)
-
-
 def test_no_quadratic_array_in_forward_or_backward():
   n, heads = 2048, 2
   x = jax.ShapeDtypeStruct((1, n, heads, 16), jnp.float32)
@@ -232,4 +178,4 @@ def test_no_quadratic_array_in_forward_or_backward():
     loss = lambda q, k, v: jnp.sum(sinkhorn.sinkhorn_attention(q, k, v, causal=causal,
                                                                block_len=32))
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, x, x).jaxpr
-    assert _largest_array(jaxpr) <= heads * n * 2 * 32  # the block x 2 block logits
+    assert largest_array(jaxpr) <= heads * n * 2 * 32  # the block x 2 block logits

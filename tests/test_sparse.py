@@ -7,11 +7,11 @@ import pytest
 import efficient_attn as ea
 from efficient_attn.attention.full import dense_attention
 from efficient_attn.attention.sparse import SparseAttention, sparse_attention
-from test_local import (assert_matches_oracle, causal_zero_gradient_from_the_future,
-                        assert_no_length_squared_array, gradients_of_sum_of_squares,
-                        module_under_pmap_matches_one_device, padding_changes_nothing,
-                        with_mask_and_causality)
-from test_longformer import assert_same_values_and_grads, jit, make_qkv, random_mask
+from helpers import (assert_bad_inputs_raise, assert_matches_oracle, assert_no_length_squared_array,
+                     assert_same_values_and_grads, causal_zero_gradient_from_the_future,
+                     gradients_of_sum_of_squares, jit, make_qkv,
+                     module_under_pmap_matches_one_device, padding_changes_nothing, random_mask,
+                     with_mask_and_causality)
 
 
 def small(pattern, block_len=6):
@@ -150,13 +150,4 @@ def test_unknown_option_lists_valid_ones():
 
 
 def test_bad_inputs():
-  attention = ea.make_attention('sparse', block_len=4, summary_len=1)
-  q, k, v = make_qkv(10)
-  with pytest.raises(ValueError, match='rank 4'):
-    attention(q[0], k, v)
-  with pytest.raises(ValueError, match='q_len == kv_len'):
-    attention(q[:, :5], k, v)
-  with pytest.raises(ValueError, match='mask'):
-    attention(q, k, v, mask=jnp.ones((2, 9), bool))
-  with pytest.raises(ValueError, match='mask'):
-    attention(q, k, v, mask=jnp.ones((2, 10), jnp.int32))
+  assert_bad_inputs_raise(ea.make_attention('sparse', block_len=4, summary_len=1))
