@@ -27,9 +27,10 @@ runs it once untimed and then `--steps` times, each to `block_until_ready`:
 A case is stopped and reported as 'timeout' after `--timeout` seconds, and as
 'out of memory' when XLA plans more than `--memory_limit` GB or the resident set
 of its process passes that limit (a thread of the child watches it), never as
-a number. XLA:CPU here sometimes never finishes an execution (all threads idle,
-seen in the Performer step); the same thread reports such a child as 'stalled'
-after 30 s without CPU use, and the case is run again, up to 3 times in all.
+a number. A child that stops using the CPU (all threads idle; seen in the
+Performer step while it called LAPACK's QR, which it no longer does) is reported
+by the same thread as 'stalled' after 30 s, and the case is run again, up to 3
+times in all.
 
 The paper timed batch 32 on a TPU v3 4x4 slice (32 cores) and its figure included
 evaluation and compilation; here the training step alone is timed, on CPU. On this
@@ -109,8 +110,7 @@ TIMEOUT, OUT_OF_MEMORY, STALLED, FAILED = 'timeout', 'out of memory', 'stalled',
 GB = 1e9
 # How often the child compares its resident set with the limit.
 WATCH_SECONDS = 0.02
-# A child that used under 1% of a core over this long is stalled: XLA:CPU
-# (jaxlib 0.10.2) sometimes never finishes an execution, every thread idle.
+# A child that used under 1% of a core over this long is stalled (every thread idle).
 STALL_SECONDS = 30.0
 # Runs of a case that stalled, in all.
 ATTEMPTS = 3

@@ -76,6 +76,14 @@ def test_features_are_orthogonal_blocks_with_chi_norms():
   assert float(jnp.std(jnp.linalg.norm(features, axis=-1))) > 0.1
 
 
+def test_orthonormal_factor_is_the_qr_factor_with_positive_diagonal():
+  matrices = np.random.default_rng(0).standard_normal((3, HEAD_DIM, HEAD_DIM))
+  q, r = np.linalg.qr(matrices)
+  want = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+  got = performer.orthonormal_factor(jnp.asarray(matrices, jnp.float32))
+  np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 def test_softmax_kernel_estimate_is_unbiased():
   num_seeds = 4000
 

@@ -25,14 +25,42 @@ RELU_EPS = 1e-3
 SOFTMAX_EPS = 1e-6
 
 
+def orthonormal_factor(matrices: jax.Array) -> jax.Array:
+  """The Q of the QR decomposition of each square matrix, the one with diag(R) > 0.
+
+  By classical Gram-Schmidt with a second pass ("twice is enough", Giraud et al.
+  2005), which keeps Q orthogonal to float32 precision for Gaussian matrices.
+  With diag(R) > 0, Q of a Gaussian matrix is uniform over rotations. Not
+  `jnp.linalg.qr`: its LAPACK call stalls the training step on CPU from time to
+  time (jaxlib 0.10.2; `python -m experiments.lra_speed_memory --attention performer`
+  showed it).
+
+  Args:
+    matrices: `[..., dim, dim]`, full rank.
+
+  Returns:
+    `[..., dim, dim]`, orthonormal columns.
+  """
+  dim = matrices.shape[-1]
+
+  def next_column(j, q):
+    column = matrices[..., :, j]
+    for _ in range(2):  # the columns of q from j on are still zero
+      column = column - jnp.einsum('...ik,...k->...i', q,
+                                   jnp.einsum('...ik,...i->...k', q, column))
+    column = column / jnp.linalg.norm(column, axis=-1, keepdims=True)
+    return q.at[..., :, j].set(column)
+
+  return jax.lax.fori_loop(0, dim, next_column, jnp.zeros_like(matrices))
+
+
 @functools.partial(jax.jit, static_argnames=('num_features', 'dim'))
 def draw_orthogonal_features(key: jax.Array, num_features: int, dim: int) -> jax.Array:
   """Draws orthogonal random features whose rows are marginally N(0, I_dim).
 
-  Rows come in blocks of `dim` mutually orthogonal unit vectors (QR of Gaussian
-  matrices, signs fixed so that each block is uniform over rotations), each row
-  then rescaled by the norm of an independent Gaussian vector, a chi_dim draw
-  (Section 2.4 of the paper).
+  Rows come in blocks of `dim` mutually orthogonal unit vectors (the Q factors,
+  uniform over rotations, of Gaussian matrices), each row then rescaled by the
+  norm of an independent Gaussian vector, a chi_dim draw (Section 2.4 of the paper).
 
   Args:
     key: a jax random key.
@@ -44,9 +72,7 @@ def draw_orthogonal_features(key: jax.Array, num_features: int, dim: int) -> jax
   """
   num_blocks = -(-num_features // dim)
   gaussian = jax.random.normal(key, (num_blocks * dim + num_features, dim), jnp.float32)
-  q, r = jnp.linalg.qr(gaussian[:num_blocks * dim].reshape(num_blocks, dim, dim))
-  # Without the signs of diag(r), the QR factor is not uniform over rotations.
-  q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+  q = orthonormal_factor(gaussian[:num_blocks * dim].reshape(num_blocks, dim, dim))
   directions = jnp.swapaxes(q, -1, -2).reshape(num_blocks * dim, dim)[:num_features]
   norms = jnp.linalg.norm(gaussian[num_blocks * dim:], axis=-1)
   return directions * norms[:, None]
