@@ -5,8 +5,10 @@
 No LRA counterpart: the sizes are this project's. paper: 6 layers, emb 512,
 8 heads, 1024 bytes, 20000 steps (for accelerators); cpu: 2 layers of width 128,
 256 bytes, 1500 steps. Needs only the interpreter's own library. Causal: only
-mechanisms that support causal attention can be used.
-The cpu scale has not been measured yet.
+mechanisms that support causal attention can be used. Measured (`python launch.py
+--config configs/lm.py:full,cpu`, seed 0, 44 min on 2 cores shared with other jobs,
+load 3-7): test 2.14 bits per byte; validation 2.96 at step 500, 2.45 at 1000,
+2.24 at 1500.
 """
 
 from configs import base
