@@ -32,7 +32,7 @@ RESULTS = 'experiments/results'
 # `paper`; on this CPU lengths up to 4K at a batch the dense Transformer fits.
 SPEED_MEMORY = {
     'paper': ['--lengths', '1024,2048,3072,4096,8192,16384', '--batch', '32'],
-    'cpu': ['--lengths', '1024,2048,3072,4096', '--batch', '8'],
+    'cpu': ['--lengths', '1024,2048,3072,4096', '--batch', '2'],
     'tiny': ['--lengths', '256,512', '--batch', '2'],
 }
 # Tasks of the accuracy grid per scale: Path-X (16K pixels) only at `paper` scale.
