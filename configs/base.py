@@ -4,7 +4,8 @@ A task file (listops.py, text.py, ...) defines `get_config(arg)` with
 arg = 'attention[,scale]', e.g. 'performer,cpu'; scales:
   paper  the base configs of the public LRA code, which produced the published
          numbers (for accelerators);
-  cpu    a run of minutes on 2 CPU cores that still learns the task;
+  cpu    a run of minutes on 2 CPU cores that still learns the task (Pathfinder:
+         about an hour, not yet shown to learn; see configs/pathfinder.py);
   tiny   seconds; for tests.
 """
 
