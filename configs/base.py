@@ -77,6 +77,11 @@ LRA_ATTENTION = {
 }
 
 
+def attention_length(seq_len: int, pooling: str) -> int:
+  """Positions the attention sees: the input, plus the CLS token with 'cls' pooling."""
+  return seq_len + (pooling == 'cls')
+
+
 def task_config(*, task: str, attention: str, scale: str, seq_len: int, model: dict,
                 data: dict | None = None, train: dict,
                 task_options: dict | None = None) -> ml_collections.ConfigDict:
@@ -108,8 +113,7 @@ def task_config(*, task: str, attention: str, scale: str, seq_len: int, model: d
       'pos_encoding': 'sinusoidal', 'pooling': 'cls', 'dtype': 'float32',
       'reversible': False, 'ff_chunk_size': config_dict.placeholder(int),
       **model}
-  # A CLS token is one more position for the attention.
-  length = seq_len + (model['pooling'] == 'cls')
+  length = attention_length(seq_len, model['pooling'])
   config.model = {**model, 'attention_options': attention_defaults(attention, length, scale)}
   config.data = {
       'seq_len': seq_len, 'batch_size': 32, 'data_dir': config_dict.placeholder(str),

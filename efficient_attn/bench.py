@@ -114,7 +114,7 @@ MEMORY_BUDGET_BYTES = 20 * 2**30
 LONG_CALL_SECONDS = 20.0
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
   """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in bytes."""
   with open('/proc/self/status') as f:
     for line in f:
@@ -123,7 +123,7 @@ def _status_bytes(field: str) -> int:
   raise ValueError(f'no {field} in /proc/self/status')
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
   """Resets this process's peak resident set (VmHWM) to its current one (Linux)."""
   with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')
@@ -243,7 +243,7 @@ def _peer_step(name: str, length: int, mode: str, causal: bool, batch: int, head
   return forward if mode == 'fwd' else gradients
 
 
-def _min_time(call, repeats: int, clock=time.perf_counter) -> float:
+def min_time(call, repeats: int, clock=time.perf_counter) -> float:
   """Min wall time of `call()` over `repeats` timed calls, after one untimed warm-up.
 
   The repeats stop early after a call longer than LONG_CALL_SECONDS; at least one
@@ -273,10 +273,10 @@ def run_case(name: str, length: int, mode: str, causal: bool, batch: int, heads:
     if result['xla_bytes'] > MEMORY_BUDGET_BYTES:
       result['error'] = f'out of memory: needs {result["xla_bytes"] / 2**30:.1f} GiB of buffers'
       return result
-  before = _status_bytes('VmRSS')
-  _reset_peak_rss()
-  result['seconds'] = _min_time(call, repeats)
-  result['peak_bytes'] = _status_bytes('VmHWM') - before
+  before = status_bytes('VmRSS')
+  reset_peak_rss()
+  result['seconds'] = min_time(call, repeats)
+  result['peak_bytes'] = status_bytes('VmHWM') - before
   return result
 
 

@@ -34,12 +34,12 @@ import time
 
 import numpy as np
 
+from configs import load_config
 import efficient_attn as ea
 from efficient_attn import bench
 from efficient_attn.data import MissingDataError
 from efficient_attn.train import trainer
 from efficient_attn.train import writer
-from experiments import train_speed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # launch.py under this interpreter, run from the repository root.
@@ -160,7 +160,7 @@ def apply_override(config, key: str, value: str) -> None:
 def task_config(task: str, attention: str, scale: str, overrides: list[tuple[str, str]]):
   """The config of `task` for `attention` at `scale`, with the overrides applied."""
   path, extra = TASKS[task]
-  config = train_speed.load_config(str(ROOT / path), f'{attention},{scale}{extra}')
+  config = load_config(str(ROOT / path), f'{attention},{scale}{extra}')
   for key, value in overrides:
     apply_override(config, key, value)
   return config

@@ -55,12 +55,12 @@ import jax
 import numpy as np
 
 from configs import base
+from configs import load_config
 from efficient_attn import bench
 from efficient_attn.data import common
 from efficient_attn.data import text
 from efficient_attn.train import steps as steps_lib
 from efficient_attn.train import trainer
-from experiments import train_speed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / 'experiments' / 'results' / 'lra_speed_memory'
@@ -119,10 +119,10 @@ ATTEMPTS = 3
 def case_config(row: str, length: int, scale: str, batch: int):
   """The text config of `row` at `scale`, for inputs of `length` bytes in batches of `batch`."""
   attention, options = ALL_ROWS[row]
-  config = train_speed.load_config(str(ROOT / 'configs' / 'text.py'), f'{attention},{scale}')
+  config = load_config(str(ROOT / 'configs' / 'text.py'), f'{attention},{scale}')
   config.data.seq_len = length
   config.data.batch_size = batch
-  positions = length + (config.model.pooling == 'cls')
+  positions = base.attention_length(length, config.model.pooling)
   config.model.attention_options = {
       **base.attention_defaults(attention, positions, scale), **options}
   return config
@@ -179,11 +179,11 @@ def run_case(row: str, length: int, batch: int, scale: str, steps: int,
     current[0], metrics = compiled(current[0], inputs)
     jax.block_until_ready((current[0], metrics))
 
-  before = bench._status_bytes('VmRSS')
-  bench._reset_peak_rss()
-  seconds = bench._min_time(step, steps)
+  before = bench.status_bytes('VmRSS')
+  bench.reset_peak_rss()
+  seconds = bench.min_time(step, steps)
   return {**result, 'status': 'ok', 'seconds': seconds, 'steps_per_second': 1 / seconds,
-          'peak_bytes': bench._status_bytes('VmHWM') - before}
+          'peak_bytes': bench.status_bytes('VmHWM') - before}
 
 
 def check_progress(rss: int, memory_limit: float, cpu_seconds: float,
@@ -215,7 +215,7 @@ def watch(case: dict) -> None:
   while True:
     wall = time.monotonic() - start
     cpu = others() - cpu_start
-    verdict = check_progress(bench._status_bytes('VmRSS'), case['memory_limit'], cpu, wall)
+    verdict = check_progress(bench.status_bytes('VmRSS'), case['memory_limit'], cpu, wall)
     if verdict:
       status, error = verdict
       print(json.dumps({'row': case['row'], 'length': case['length'], 'status': status,

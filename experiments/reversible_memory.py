@@ -55,14 +55,14 @@ def run_case(layers: int, reversible: bool, ff_chunk_size: int | None, length: i
   jax.block_until_ready(args)
   compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(*args).compile()
   stats = compiled.memory_analysis()
-  before = bench._status_bytes('VmRSS')
-  bench._reset_peak_rss()
-  seconds = bench._min_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
+  before = bench.status_bytes('VmRSS')
+  bench.reset_peak_rss()
+  seconds = bench.min_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
   return {'layers': layers, 'reversible': reversible, 'ff_chunk_size': ff_chunk_size,
           'length': length, 'temp_bytes': stats.temp_size_in_bytes,
           'argument_bytes': stats.argument_size_in_bytes,
           'output_bytes': stats.output_size_in_bytes,
-          'peak_bytes': bench._status_bytes('VmHWM') - before, 'seconds': seconds}
+          'peak_bytes': bench.status_bytes('VmHWM') - before, 'seconds': seconds}
 
 
 def run_in_subprocess(case: dict) -> dict:

@@ -10,7 +10,6 @@ experiments/results/train_speed.md.
 """
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import platform
@@ -19,19 +18,12 @@ import time
 import jax
 
 import efficient_attn as ea
+from configs import load_config
 from efficient_attn.data import make_batches
 from efficient_attn.train import steps as steps_lib
 from efficient_attn.train import trainer
 
 RESULTS = pathlib.Path(__file__).parent / 'results' / 'train_speed.md'
-
-
-def load_config(path: str, arg: str):
-  """`get_config(arg)` of a config file."""
-  spec = importlib.util.spec_from_file_location('config_file', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def measure(config, task, warmup: int, steps: int) -> dict:

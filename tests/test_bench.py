@@ -25,19 +25,19 @@ class FakeClock:
 
 def test_min_time_excludes_warm_up():
   clock = FakeClock([0.5, 3.0, 2.0, 4.0])
-  assert bench._min_time(clock.step, repeats=3, clock=clock) == 2.0
+  assert bench.min_time(clock.step, repeats=3, clock=clock) == 2.0
   assert clock.calls == 4
 
 
 def test_min_time_stops_after_a_long_call():
   clock = FakeClock([100.0, 30.0, 1.0, 1.0])
-  assert bench._min_time(clock.step, repeats=3, clock=clock) == 30.0
+  assert bench.min_time(clock.step, repeats=3, clock=clock) == 30.0
   assert clock.calls == 2
 
 
 def test_min_time_times_at_least_one_call():
   clock = FakeClock([1.0, 5.0])
-  assert bench._min_time(clock.step, repeats=0, clock=clock) == 5.0
+  assert bench.min_time(clock.step, repeats=0, clock=clock) == 5.0
 
 
 def test_plan_without_peers_has_only_our_rows():
